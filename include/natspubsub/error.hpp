@@ -1,0 +1,118 @@
+#pragma once
+// The exception tree of natspubsub. Every failure a caller can act on has its own type;
+// per-message outcomes (batch publish results) are values, not exceptions.
+//
+//   try { publisher.publish("order.created", body); }
+//   catch (const natspubsub::TimeoutError& e) { /* retry later */ }
+//   catch (const natspubsub::Error& e) { spdlog::error("{}", e.what()); }
+#include <stdexcept>
+#include <string>
+
+namespace natspubsub {
+
+/// Root of every exception the library throws.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A configuration value breaks a rule. `field()` names it (e.g. "servers[1]", "env").
+class ConfigError : public Error {
+ public:
+  ConfigError(std::string field, std::string rule)
+      : Error("invalid configuration: " + field + ": " + rule), field_(std::move(field)), rule_(std::move(rule)) {}
+  [[nodiscard]] const std::string& field() const noexcept { return field_; }
+  [[nodiscard]] const std::string& rule() const noexcept { return rule_; }
+
+ private:
+  std::string field_;
+  std::string rule_;
+};
+
+/// A subject, token or subject filter is not valid.
+class SubjectError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A body could not be decoded as an envelope (or an envelope could not be encoded).
+class EnvelopeError : public Error {
+ public:
+  enum class Kind { malformed_json, not_an_object, missing_field, wrong_type, invalid_value };
+  EnvelopeError(Kind kind, std::string field, const std::string& message)
+      : Error(message), kind_(kind), field_(std::move(field)) {}
+  [[nodiscard]] Kind kind() const noexcept { return kind_; }
+  /// The field at fault; empty for malformed_json and not_an_object.
+  [[nodiscard]] const std::string& field() const noexcept { return field_; }
+
+ private:
+  Kind kind_;
+  std::string field_;
+};
+
+/// A cnats call failed. Keeps the cnats status and, for JetStream API errors, the jsErrCode
+/// (10059 stream not found, 10014 consumer not found, 10071 wrong last sequence, ...).
+class NatsError : public Error {
+ public:
+  NatsError(const std::string& message, int status, int js_error_code = 0)
+      : Error(message), status_(status), js_error_code_(js_error_code) {}
+  /// The cnats `natsStatus` value.
+  [[nodiscard]] int status() const noexcept { return status_; }
+  /// The JetStream `jsErrCode` value, 0 when the server sent none.
+  [[nodiscard]] int js_error_code() const noexcept { return js_error_code_; }
+
+ private:
+  int status_;
+  int js_error_code_;
+};
+
+/// Connecting failed, or the connection is closed.
+class ConnectionError : public NatsError {
+ public:
+  using NatsError::NatsError;
+};
+
+/// The server refused our credentials. The message never contains the secret.
+class AuthError : public ConnectionError {
+ public:
+  using ConnectionError::ConnectionError;
+};
+
+/// A request or a publish got no answer in time.
+class TimeoutError : public NatsError {
+ public:
+  using NatsError::NatsError;
+};
+
+/// A request found nobody listening on its subject.
+class NoRespondersError : public NatsError {
+ public:
+  using NatsError::NatsError;
+};
+
+/// Streams or consumers could not be made as asked.
+class TopologyError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A stream's subjects overlap those of another stream; both names are in the message.
+class OverlapError : public TopologyError {
+ public:
+  OverlapError(const std::string& message, std::string stream, std::string other_stream)
+      : TopologyError(message), stream_(std::move(stream)), other_stream_(std::move(other_stream)) {}
+  [[nodiscard]] const std::string& stream() const noexcept { return stream_; }
+  [[nodiscard]] const std::string& other_stream() const noexcept { return other_stream_; }
+
+ private:
+  std::string stream_;
+  std::string other_stream_;
+};
+
+/// A publish was refused (payload too large, no stream for the subject, wrong last sequence, ...).
+class PublishError : public NatsError {
+ public:
+  using NatsError::NatsError;
+};
+
+}  // namespace natspubsub
