@@ -1,0 +1,46 @@
+#include "nats_util.hpp"
+
+namespace natspubsub::detail {
+
+std::string last_error_text(natsStatus status) {
+  natsStatus last = NATS_OK;
+  const char* text = nats_GetLastError(&last);
+  if (text != nullptr && *text != '\0' && last == status) return text;
+  return natsStatus_GetText(status);
+}
+
+void throw_status(natsStatus status, std::string_view context, jsErrCode js_code) {
+  std::string message(context);
+  message += ": ";
+  message += last_error_text(status);
+  if (js_code != 0) message += " (jsErrCode " + std::to_string(static_cast<int>(js_code)) + ")";
+  const int code = static_cast<int>(js_code);
+  switch (status) {
+    case NATS_TIMEOUT:
+      throw TimeoutError(message, status, code);
+    case NATS_NO_RESPONDERS:
+      throw NoRespondersError(message, status, code);
+    case NATS_CONNECTION_AUTH_FAILED:
+      throw AuthError(message, status, code);
+    case NATS_NO_SERVER:
+    case NATS_CONNECTION_CLOSED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_SSL_ERROR:
+    case NATS_STALE_CONNECTION:
+    case NATS_IO_ERROR:
+      throw ConnectionError(message, status, code);
+    case NATS_MAX_PAYLOAD:
+      throw PublishError(message, status, code);
+    default:
+      throw NatsError(message, status, code);
+  }
+}
+
+std::string header(natsMsg* msg, const char* key) {
+  const char* value = nullptr;
+  if (natsMsgHeader_Get(msg, key, &value) == NATS_OK && value != nullptr) return value;
+  return {};
+}
+
+}  // namespace natspubsub::detail

@@ -1,0 +1,314 @@
+#include <natspubsub/publisher.hpp>
+
+#include <algorithm>
+#include <condition_variable>
+#include <mutex>
+#include <unordered_map>
+
+#include <natspubsub/connection.hpp>
+#include <natspubsub/error.hpp>
+#include <natspubsub/log.hpp>
+#include <natspubsub/subject.hpp>
+
+#include "nats_util.hpp"
+
+namespace natspubsub {
+namespace {
+
+bool is_retryable(natsStatus s, jsErrCode code) {
+  if (code == JSStreamWrongLastSequenceErr) return false;
+  switch (s) {
+    case NATS_TIMEOUT:
+    case NATS_NO_RESPONDERS:  // no stream answered: also seen while a leader is being elected
+    case NATS_CONNECTION_CLOSED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_IO_ERROR:
+    case NATS_STALE_CONNECTION:
+    case NATS_INSUFFICIENT_BUFFER:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string failure_text(natsStatus s, jsErrCode code, const char* server_text, const std::string& subject) {
+  std::string text = server_text != nullptr && *server_text ? server_text : detail::last_error_text(s);
+  if (s == NATS_NO_RESPONDERS) text = "no JetStream stream answered for subject " + subject;
+  if (s == NATS_MAX_PAYLOAD) text = "payload exceeds the server's max_payload: " + text;
+  if (code != 0) text += " (jsErrCode " + std::to_string(static_cast<int>(code)) + ")";
+  return text;
+}
+
+PublishFailure make_failure(natsStatus s, jsErrCode code, const char* server_text, const std::string& subject) {
+  return PublishFailure{static_cast<int>(s), static_cast<int>(code), failure_text(s, code, server_text, subject),
+                        is_retryable(s, code)};
+}
+
+// Builds a natsMsg carrying the body and headers; ownership stays with the returned pointer.
+detail::MsgPtr make_msg(const RawMessage& m) {
+  natsMsg* raw = nullptr;
+  detail::check(natsMsg_Create(&raw, m.subject.c_str(), nullptr, m.payload.data(), static_cast<int>(m.payload.size())),
+                "creating message for " + m.subject);
+  detail::MsgPtr msg(raw);
+  for (const auto& [key, value] : m.headers) {
+    detail::check(natsMsgHeader_Set(msg.get(), key.c_str(), value.c_str()), "setting header " + key);
+  }
+  if (!m.msg_id.empty()) detail::check(natsMsgHeader_Set(msg.get(), "Nats-Msg-Id", m.msg_id.c_str()), "setting Nats-Msg-Id");
+  return msg;
+}
+
+}  // namespace
+
+struct Publisher::Impl {
+  Connection* connection = nullptr;
+  detail::JsPtr async_js;  // own context: its ack handler routes acks to the running batch
+
+  std::mutex batch_mutex;  // one publish_batch at a time
+
+  // Batch state, shared with cnats' ack handler thread.
+  std::mutex mutex;
+  std::condition_variable cv;
+  uint64_t generation = 0;
+  std::unordered_map<natsMsg*, std::pair<uint64_t, size_t>> in_flight;
+  std::vector<PublishResult>* results = nullptr;
+
+  static void on_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
+    auto* self = static_cast<Impl*>(closure);
+    {
+      std::lock_guard lock(self->mutex);
+      auto it = self->in_flight.find(msg);
+      if (it != self->in_flight.end()) {
+        auto [gen, index] = it->second;
+        self->in_flight.erase(it);
+        if (gen == self->generation && self->results != nullptr) {
+          auto& r = (*self->results)[index];
+          if (pa != nullptr) {
+            r.stream = pa->Stream != nullptr ? pa->Stream : "";
+            r.sequence = pa->Sequence;
+            r.duplicate = pa->Duplicate;
+            r.error.reset();
+          } else if (pae != nullptr) {
+            r.error = make_failure(pae->Err, pae->ErrCode, pae->ErrText, r.subject);
+          }
+        }
+      }
+    }
+    self->cv.notify_all();
+    natsMsg_Destroy(msg);  // the ack handler owns the message (nats.h, jsPubAckHandler)
+  }
+};
+
+Publisher::Publisher(Connection& connection) : impl_(std::make_unique<Impl>()) {
+  impl_->connection = &connection;
+  jsOptions o;
+  jsOptions_Init(&o);
+  o.Wait = connection.config().connection.jetstream_timeout.count();
+  o.PublishAsync.AckHandler = &Impl::on_ack;
+  o.PublishAsync.AckHandlerClosure = impl_.get();
+  // We keep our own window; this only has to be above it so cnats never stalls first.
+  o.PublishAsync.MaxPending = 1 << 20;
+  jsCtx* js = nullptr;
+  detail::check(natsConnection_JetStream(&js, connection.native(), &o), "creating JetStream publish context");
+  impl_->async_js.reset(js);
+}
+
+Publisher::~Publisher() {
+  if (!impl_) return;
+  // Acks may still arrive for a batch that timed out; stop routing them before the state goes.
+  {
+    std::lock_guard lock(impl_->mutex);
+    impl_->generation++;
+    impl_->results = nullptr;
+  }
+  impl_->async_js.reset();
+}
+
+RawMessage Publisher::prepare(const std::string& topic, const nlohmann::json& message,
+                              const PublishOptions& options) const {
+  const auto& config = impl_->connection->config();
+  RawMessage raw;
+  if (options.subject) {
+    subject::validate_subject(*options.subject);
+    raw.subject = *options.subject;
+  } else {
+    raw.subject = config.subject(topic);
+  }
+  Envelope e = Envelope::make(topic, config.app, message);
+  if (options.event_id) e.event_id = *options.event_id;
+  e.message_type = options.message_type;
+  e.trace_id = options.trace_id;
+  raw.payload = e.encode();
+  raw.msg_id = e.event_id;
+  raw.headers = options.headers;
+  raw.headers["topic"] = topic;
+  if (options.traceparent) raw.headers["traceparent"] = *options.traceparent;
+  if (options.expected_last_sequence)
+    raw.headers["Nats-Expected-Last-Sequence"] = std::to_string(*options.expected_last_sequence);
+  if (options.expected_stream) raw.headers["Nats-Expected-Stream"] = *options.expected_stream;
+  return raw;
+}
+
+namespace {
+
+PublishResult publish_sync(jsCtx* js, const RawMessage& raw, Millis timeout) {
+  PublishResult result;
+  result.event_id = raw.msg_id;
+  result.subject = raw.subject;
+  auto msg = make_msg(raw);
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = timeout.count();
+  jsPubAck* raw_ack = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = js_PublishMsg(&raw_ack, js, msg.get(), &po, &jerr);
+  detail::PubAckPtr ack(raw_ack);
+  if (s != NATS_OK) {
+    auto f = make_failure(s, jerr, nullptr, raw.subject);
+    const std::string what = "publishing event " + raw.msg_id + " to " + raw.subject + ": " + f.message;
+    if (s == NATS_TIMEOUT) throw TimeoutError(what, s, jerr);
+    if (s == NATS_CONNECTION_CLOSED) throw ConnectionError(what, s, jerr);
+    throw PublishError(what, s, jerr);
+  }
+  result.stream = ack->Stream != nullptr ? ack->Stream : "";
+  result.sequence = ack->Sequence;
+  result.duplicate = ack->Duplicate;
+  return result;
+}
+
+}  // namespace
+
+PublishResult Publisher::publish(const std::string& topic, const nlohmann::json& message,
+                                 const PublishOptions& options) {
+  auto raw = prepare(topic, message, options);
+  return publish_sync(impl_->connection->jetstream(), raw, impl_->connection->config().connection.jetstream_timeout);
+}
+
+PublishResult Publisher::publish_envelope(const Envelope& envelope, const PublishOptions& options) {
+  auto raw = prepare(envelope.topic, envelope.message, options);
+  // Keep the envelope exactly as given (event id, time, producer), only the headers are ours.
+  raw.payload = envelope.encode();
+  raw.msg_id = envelope.event_id;
+  return publish_sync(impl_->connection->jetstream(), raw, impl_->connection->config().connection.jetstream_timeout);
+}
+
+std::vector<PublishResult> Publisher::publish_batch(const std::vector<OutgoingEvent>& events,
+                                                    const BatchOptions& options) {
+  std::vector<RawMessage> raws;
+  raws.reserve(events.size());
+  std::vector<std::optional<PublishResult>> invalid(events.size());
+  for (size_t i = 0; i < events.size(); ++i) {
+    try {
+      raws.push_back(prepare(events[i].topic, events[i].message, events[i].options));
+    } catch (const Error& e) {
+      PublishResult r;
+      r.event_id = events[i].options.event_id.value_or("");
+      r.subject = events[i].options.subject.value_or(events[i].topic);
+      r.error = PublishFailure{static_cast<int>(NATS_INVALID_ARG), 0, e.what(), false};
+      invalid[i] = std::move(r);
+      raws.push_back(RawMessage{});  // placeholder, skipped below
+    }
+  }
+  std::vector<PublishResult> results;
+  if (std::none_of(invalid.begin(), invalid.end(), [](const auto& r) { return r.has_value(); })) {
+    return publish_raw_batch(raws, options);
+  }
+  // Publish the valid ones, then merge the per-item validation failures back in order.
+  std::vector<RawMessage> valid;
+  for (size_t i = 0; i < raws.size(); ++i)
+    if (!invalid[i]) valid.push_back(std::move(raws[i]));
+  auto sent = publish_raw_batch(valid, options);
+  size_t next = 0;
+  for (size_t i = 0; i < events.size(); ++i) results.push_back(invalid[i] ? std::move(*invalid[i]) : std::move(sent[next++]));
+  return results;
+}
+
+std::vector<PublishResult> Publisher::publish_raw_batch(const std::vector<RawMessage>& messages,
+                                                        const BatchOptions& options) {
+  const int window = std::max(1, options.window);
+  std::lock_guard batch_lock(impl_->batch_mutex);
+  auto& st = *impl_;
+  jsCtx* js = st.async_js.get();
+
+  std::vector<PublishResult> results(messages.size());
+  for (size_t i = 0; i < messages.size(); ++i) {
+    results[i].event_id = messages[i].msg_id;
+    results[i].subject = messages[i].subject;
+    // Until an ack says otherwise, a message counts as not acknowledged.
+    results[i].error = PublishFailure{static_cast<int>(NATS_TIMEOUT), 0, "no acknowledgement received", true};
+  }
+  uint64_t gen = 0;
+  {
+    std::lock_guard lock(st.mutex);
+    gen = ++st.generation;
+    st.results = &results;
+  }
+
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = options.ack_timeout.count();
+
+  for (size_t i = 0; i < messages.size(); ++i) {
+    {
+      // Wait for room in the window. Bounded: per-message MaxWait frees slots even if the server is gone.
+      std::unique_lock lock(st.mutex);
+      bool room = st.cv.wait_for(lock, options.ack_timeout * 2, [&] { return st.in_flight.size() < static_cast<size_t>(window); });
+      if (!room) {
+        results[i].error = PublishFailure{static_cast<int>(NATS_TIMEOUT), 0,
+                                          "publish window stayed full (no acknowledgements)", true};
+        continue;
+      }
+    }
+    detail::MsgPtr msg;
+    try {
+      msg = make_msg(messages[i]);
+    } catch (const NatsError& e) {
+      results[i].error = PublishFailure{e.status(), 0, e.what(), false};
+      continue;
+    }
+    natsMsg* key = msg.get();
+    {
+      std::lock_guard lock(st.mutex);
+      st.in_flight[key] = {gen, i};
+    }
+    natsStatus s = js_PublishMsgAsync(js, &key, &po);
+    if (s == NATS_OK) {
+      msg.release();  // cnats owns it now (nats.h: js_PublishMsgAsync)
+    } else {
+      std::lock_guard lock(st.mutex);
+      st.in_flight.erase(msg.get());
+      results[i].error = make_failure(s, static_cast<jsErrCode>(0), nullptr, messages[i].subject);
+    }
+  }
+
+  jsPubOptions wait_opts;
+  jsPubOptions_Init(&wait_opts);
+  wait_opts.MaxWait = options.ack_timeout.count() + 1000;
+  natsStatus done = js_PublishAsyncComplete(js, &wait_opts);
+  if (done != NATS_OK) {
+    // Take back what was never acknowledged; those results stay "no acknowledgement" (retryable).
+    natsMsgList pending{};
+    if (js_PublishAsyncGetPendingList(&pending, js) == NATS_OK) {
+      std::lock_guard lock(st.mutex);
+      for (int i = 0; i < pending.Count; ++i) st.in_flight.erase(pending.Msgs[i]);
+      natsMsgList_Destroy(&pending);
+    }
+  }
+  {
+    // Acks already being delivered finish before the results leave this function.
+    std::unique_lock lock(st.mutex);
+    st.cv.wait_for(lock, std::chrono::seconds(2), [&] {
+      return std::none_of(st.in_flight.begin(), st.in_flight.end(), [&](const auto& e) { return e.second.first == gen; });
+    });
+    for (auto it = st.in_flight.begin(); it != st.in_flight.end();) {
+      it = it->second.first == gen ? st.in_flight.erase(it) : std::next(it);
+    }
+    st.generation++;
+    st.results = nullptr;
+  }
+  size_t failed = std::count_if(results.begin(), results.end(), [](const auto& r) { return !r; });
+  if (failed > 0) logger()->warn("publish batch: {} of {} messages not stored", failed, results.size());
+  return results;
+}
+
+}  // namespace natspubsub
