@@ -1,0 +1,88 @@
+#include "support/nats_helpers.hpp"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace natspubsub::testing {
+
+Config test_config(const std::string& url, const std::string& app, const std::string& env) {
+  auto c = Config::testing(app);
+  c.env = env;
+  c.servers = {url};
+  return c;
+}
+
+RawNats::RawNats(const std::string& url) {
+  if (natsConnection_ConnectTo(&nc_, url.c_str()) != NATS_OK) throw std::runtime_error("raw connect to " + url + " failed");
+  if (natsConnection_JetStream(&js_, nc_, nullptr) != NATS_OK) {
+    natsConnection_Destroy(nc_);
+    throw std::runtime_error("raw JetStream context failed");
+  }
+}
+
+RawNats::~RawNats() {
+  jsCtx_Destroy(js_);
+  natsConnection_Destroy(nc_);
+}
+
+uint64_t RawNats::stream_messages(const std::string& stream) {
+  jsStreamInfo* si = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  if (js_GetStreamInfo(&si, js_, stream.c_str(), nullptr, &jerr) != NATS_OK)
+    throw std::runtime_error("no stream " + stream);
+  uint64_t n = si->State.Msgs;
+  jsStreamInfo_Destroy(si);
+  return n;
+}
+
+std::vector<StoredMessage> RawNats::read_stream(const std::string& stream) {
+  jsStreamInfo* si = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  if (js_GetStreamInfo(&si, js_, stream.c_str(), nullptr, &jerr) != NATS_OK)
+    throw std::runtime_error("no stream " + stream);
+  uint64_t first = si->State.FirstSeq;
+  uint64_t last = si->State.LastSeq;
+  jsStreamInfo_Destroy(si);
+  std::vector<StoredMessage> out;
+  for (uint64_t seq = first; seq != 0 && seq <= last; ++seq) {
+    natsMsg* msg = nullptr;
+    if (js_GetMsg(&msg, js_, stream.c_str(), seq, nullptr, &jerr) != NATS_OK) continue;  // deleted
+    StoredMessage m;
+    m.subject = natsMsg_GetSubject(msg);
+    m.data.assign(natsMsg_GetData(msg), static_cast<size_t>(natsMsg_GetDataLength(msg)));
+    m.sequence = seq;
+    const char** keys = nullptr;
+    int count = 0;
+    if (natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK) {
+      for (int i = 0; i < count; ++i) {
+        const char* v = nullptr;
+        natsMsgHeader_Get(msg, keys[i], &v);
+        m.headers.emplace_back(keys[i], v != nullptr ? v : "");
+        if (std::string(keys[i]) == "Nats-Msg-Id") m.msg_id = v != nullptr ? v : "";
+        if (std::string(keys[i]) == "topic") m.topic = v != nullptr ? v : "";
+      }
+      free(static_cast<void*>(keys));
+    }
+    natsMsg_Destroy(msg);
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+void RawNats::add_stream(const std::string& name, const std::vector<std::string>& subjects, int replicas) {
+  std::vector<const char*> subs;
+  for (const auto& s : subjects) subs.push_back(s.c_str());
+  jsStreamConfig cfg;
+  jsStreamConfig_Init(&cfg);
+  cfg.Name = name.c_str();
+  cfg.Subjects = subs.data();
+  cfg.SubjectsLen = static_cast<int>(subs.size());
+  cfg.Replicas = replicas;
+  jsStreamInfo* si = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = js_AddStream(&si, js_, &cfg, nullptr, &jerr);
+  jsStreamInfo_Destroy(si);
+  if (s != NATS_OK) throw std::runtime_error("add stream " + name + " failed: " + std::to_string(jerr));
+}
+
+}  // namespace natspubsub::testing
