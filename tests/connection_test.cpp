@@ -94,7 +94,7 @@ TEST_CASE("token authentication") {
   testing::NatsServer server(o);
   auto config = testing::test_config(server.url(), "orders");
   config.credentials.token = "not-the-token";
-  CHECK_THROWS_AS(Connection(config), AuthError);
+  CHECK_THROWS_AS(Connection{config}, AuthError);
   config.credentials.token = "s3cret-token";
   Connection c(config);
   CHECK(c.connected());

@@ -5,6 +5,14 @@
 //   auto s = natspubsub::subject::build("prod", "orders", "order.created");  // "prod.orders.order.created"
 //   natspubsub::subject::matches("prod.orders.>", s);                          // true
 //   natspubsub::subject::overlaps("prod.orders.>", "prod.*.order.created");    // true
+//
+// Two rules for what a token may hold. Everything the library builds or is configured with
+// (build, validate_*, to_name) follows the strict one above. matches, overlaps and covers also
+// take subjects the library did not make (the overlap guard compares with every stream on the
+// server, e.g. `$KV.bucket.>` of a key-value bucket), so they accept what the NATS server accepts:
+// non-empty tokens without whitespace or control bytes; a token other than `*` or `>` is literal.
+// Every function that checks throws SubjectError with a message naming the part (env, app,
+// topic, subject, filter), the bad token or character, and the rule.
 #include <string>
 #include <string_view>
 #include <vector>
@@ -33,15 +41,21 @@ void validate_filter(std::string_view filter);
 [[nodiscard]] std::string build(std::string_view env, std::string_view app, std::string_view topic);
 
 /// True when the literal `subject` is matched by `filter` (`*` one token, `>` one or more).
+/// Throws SubjectError when `filter` is no filter or `subject` no literal subject (server rule).
 [[nodiscard]] bool matches(std::string_view filter, std::string_view subject);
 
-/// True when some literal subject would be matched by both filters.
+/// True when some literal subject would be matched by both filters. Symmetric.
+/// Throws SubjectError when either is no filter (server rule).
 [[nodiscard]] bool overlaps(std::string_view a, std::string_view b);
 
-/// True when every subject matched by `inner` is also matched by `outer`.
+/// True when every subject matched by `inner` is also matched by `outer` (so covers(f, f) holds).
+/// Throws SubjectError when either is no filter (server rule).
 [[nodiscard]] bool covers(std::string_view outer, std::string_view inner);
 
-/// Makes a filter usable in a consumer or stream name: '.' -> '_', '*' -> "any", '>' -> "all".
+/// Makes a filter usable in a consumer or stream name: '.' -> '_', '*' -> "any", '>' -> "all";
+/// the result holds only [A-Za-z0-9_-]. Throws SubjectError unless validate_filter accepts it.
+/// Not one-to-one: "a.b" and "a_b" both give "a_b", "a.*" and "a.any" both give "a_any"; a caller
+/// that derives durable names from it must not assume distinct filters give distinct names.
 [[nodiscard]] std::string to_name(std::string_view filter);
 
 }  // namespace natspubsub::subject
