@@ -86,10 +86,6 @@ std::string event_id_of(const std::string& body, const Headers& headers) {
   }
 }
 
-double ms_since(Clock::time_point start) {
-  return std::chrono::duration_cast<std::chrono::duration<double, std::milli>>(Clock::now() - start).count();
-}
-
 }  // namespace
 
 const char* to_string(Verdict verdict) noexcept {
