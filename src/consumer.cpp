@@ -333,15 +333,6 @@ struct Consumer::Impl {
       return;
     }
 
-    if (m.metadata.deliveries > s.max_attempts) {
-      // The last allowed attempt ended without a verdict (crash, ack timeout, shutdown, a DLQ
-      // publish that failed): running the handler again would exceed max_attempts.
-      dead_letter(s, d, m, DlqReason::attempts_exhausted, "",
-                  "delivery " + std::to_string(m.metadata.deliveries) + " exceeds max_attempts " +
-                      std::to_string(s.max_attempts));
-      return;
-    }
-
     const auto start = Clock::now();
     std::optional<HandlerFailure> failure;
     try {
@@ -727,25 +718,6 @@ struct Consumer::Impl {
     ticker = std::jthread([this](std::stop_token st) { ticker_loop(st); });
   }
 
-  // Messages the server sent for a pull that had already expired on our side wait in the
-  // subscription's queue; take them too, so they are handed back instead of timing out.
-  void take_leftovers(Subscription& s) {
-    int msgs = 0;
-    int bytes = 0;
-    if (natsSubscription_GetPending(s.pull.get(), &msgs, &bytes) != NATS_OK || msgs <= 0) return;
-    natsMsgList list{};
-    jsFetchRequest req;
-    jsFetchRequest_Init(&req);
-    req.Batch = msgs;
-    req.NoWait = true;
-    req.Expires = to_nanos(kIdleWait);
-    if (natsSubscription_FetchRequest(&list, s.pull.get(), &req) == NATS_OK) {
-      enqueue(s, list);
-    } else {
-      natsMsgList_Destroy(&list);
-    }
-  }
-
   StopReport stop(Millis deadline) {
     std::lock_guard lock(lifecycle);
     StopReport report;
@@ -767,7 +739,6 @@ struct Consumer::Impl {
     // 3. Fetched but not started: NAK without delay, so another instance has them at once.
     uint64_t running_at_stop = 0;
     for (auto& s : subs) {
-      take_leftovers(*s);
       std::deque<DeliveryPtr> unstarted;
       {
         std::lock_guard l(s->mutex);
