@@ -724,17 +724,24 @@ struct Consumer::Impl {
     if (!running) return report;
     const auto until = Clock::now() + deadline;
 
-    // 1. Workers start nothing new; 2. fetching ends (each pull is bounded by fetch_timeout).
+    // 1. Fetching ends (each pull is bounded by fetch_timeout), and so does the advisory
+    // listener (bounded by its poll). Workers keep taking what the last pull brought meanwhile:
+    // handing a message back costs it a delivery, running it on an idle worker does not.
     for (auto& s : subs) {
-      {
-        std::lock_guard l(s->mutex);
-        s->accepting = false;
-      }
       s->fetcher.request_stop();
+      s->advisor.request_stop();
       s->cv.notify_all();
     }
-    for (auto& s : subs)
+    for (auto& s : subs) {
       if (s->fetcher.joinable()) s->fetcher.join();
+      if (s->advisor.joinable()) s->advisor.join();
+    }
+
+    // 2. From here workers start nothing new.
+    for (auto& s : subs) {
+      std::lock_guard l(s->mutex);
+      s->accepting = false;
+    }
 
     // 3. Fetched but not started: NAK without delay, so another instance has them at once.
     uint64_t running_at_stop = 0;
@@ -790,15 +797,12 @@ struct Consumer::Impl {
     // 6. Threads end. Workers still inside a handler are joined by the destructor.
     for (auto& s : subs) {
       for (auto& w : s->workers) w.request_stop();
-      s->advisor.request_stop();
       s->cv.notify_all();
     }
-    for (auto& s : subs) {
-      if (s->advisor.joinable()) s->advisor.join();
-      if (!workers_stuck) {
+    if (!workers_stuck) {
+      for (auto& s : subs)
         for (auto& w : s->workers)
           if (w.joinable()) w.join();
-      }
     }
     ticker = std::jthread();
 

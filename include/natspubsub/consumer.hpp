@@ -107,26 +107,26 @@ class ErrorPolicy {
 /// Per-subscription settings; an empty field takes the Config's consumer default.
 /// Usable with designated initializers: `{.concurrency = 8, .max_attempts = 5}`.
 struct SubscriptionOptions {
-  std::optional<std::string> durable;      ///< default "{env}-{app}-{filter made safe}"
-  std::optional<int> concurrency;          ///< handlers running at once (workers)
+  std::optional<std::string> durable{};      ///< default "{env}-{app}-{filter made safe}"
+  std::optional<int> concurrency{};          ///< handlers running at once (workers)
   /// Messages fetched ahead of free workers (default 0: a fetch never asks for more than the free
   /// workers). A prefetched message waits, kept alive with in-progress signals, and is handed back
   /// at once on stop.
-  std::optional<int> prefetch;
-  std::optional<int> max_attempts;         ///< handler attempts before the DLQ
-  std::optional<Backoff> backoff;          ///< default: Backoff::list(config.consumer.backoff)
-  std::optional<Millis> ack_wait;
-  std::optional<int> max_ack_pending;      ///< must be >= concurrency + prefetch
+  std::optional<int> prefetch{};
+  std::optional<int> max_attempts{};         ///< handler attempts before the DLQ
+  std::optional<Backoff> backoff{};          ///< default: Backoff::list(config.consumer.backoff)
+  std::optional<Millis> ack_wait{};
+  std::optional<int> max_ack_pending{};      ///< must be >= concurrency + prefetch
   /// The server's MaxDeliver; default max_attempts + 2 (must exceed max_attempts, so the runtime
   /// decides the last attempt and the server limit only catches deliveries without a verdict).
-  std::optional<int64_t> max_deliver;
-  std::optional<Millis> in_progress_interval;  ///< +WPI period; default ack_wait / 3
+  std::optional<int64_t> max_deliver{};
+  std::optional<Millis> in_progress_interval{};  ///< +WPI period; default ack_wait / 3
   /// How long in-progress signals keep one message alive (from its fetch). After that the server
   /// redelivers it when ack_wait passes: a hung handler does not hold a message forever.
-  std::optional<Millis> max_in_progress;   ///< default 10 minutes
-  std::optional<Millis> fetch_timeout;     ///< how long one pull waits; bounds stop() latency
-  ErrorPolicy error_policy;
-  std::vector<Middleware> middleware;      ///< runs inside the consumer-wide chain
+  std::optional<Millis> max_in_progress{};   ///< default 10 minutes
+  std::optional<Millis> fetch_timeout{};     ///< how long one pull waits; bounds stop() latency
+  ErrorPolicy error_policy{};
+  std::vector<Middleware> middleware{};      ///< runs inside the consumer-wide chain
 };
 
 struct ConsumerOptions {
@@ -136,7 +136,7 @@ struct ConsumerOptions {
   /// Dead-letter messages that reach MaxDeliver, from the server's advisory.
   bool capture_max_deliveries = true;
   /// Prefix of DLQ subjects; default "dlq.{env}.{app}".
-  std::string dlq_subject_prefix;
+  std::string dlq_subject_prefix{};
   /// The deadline the destructor gives stop().
   Millis stop_timeout{30000};
 };
