@@ -447,28 +447,31 @@ struct Consumer::Impl {
       }
       if (free <= 0) continue;
 
-      // First take what is there without waiting, up to the free slots. Only when nothing is
-      // there, wait for a single message: a waiting pull for a larger batch would hold a lone
-      // message back until the batch fills or the pull expires.
+      // NoWait with an expiry (nats-server >= 2.9): the pull waits up to fetch_timeout for the
+      // first message, then returns what is there, up to the free slots. A plain waiting pull
+      // would hold a lone message back until the whole batch fills or the pull expires.
       natsMsgList list{};
       jsFetchRequest req;
       jsFetchRequest_Init(&req);
       req.Batch = free;
       req.NoWait = true;
       req.Expires = to_nanos(s.fetch_timeout);
-      natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
-      if (status == NATS_NOT_FOUND || status == NATS_TIMEOUT) {
-        jsFetchRequest_Init(&req);
-        req.Batch = 1;
-        req.Expires = to_nanos(s.fetch_timeout);
-        status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
-      }
+      const auto pulled_at = Clock::now();
+      const natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
       if (status == NATS_OK) {
         enqueue(s, list);
         continue;
       }
       natsMsgList_Destroy(&list);
-      if (status == NATS_TIMEOUT || status == NATS_NOT_FOUND) continue;
+      if (status == NATS_TIMEOUT || status == NATS_NOT_FOUND) {
+        // An empty answer long before the expiry (a server that ignores the expiry of a NoWait
+        // pull) must not turn this loop into a busy poll.
+        if (Clock::now() - pulled_at < s.fetch_timeout / 2) {
+          std::unique_lock lock(s.mutex);
+          s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested(); });
+        }
+        continue;
+      }
       if (Clock::now() - last_error_log > std::chrono::seconds(10)) {
         last_error_log = Clock::now();
         logger()->warn("{}: fetch failed: {}; retrying", s.durable, detail::last_error_text(status));

@@ -162,21 +162,28 @@ TEST_CASE("success: the handler sees the envelope and metadata, the message is a
   AckTap acks(f.raw, kEvents, kCreatedDurable);
   std::mutex mutex;
   std::vector<Message> seen;
+  std::atomic<int64_t> handled_at_ms{0};
   Consumer consumer(f.connection);
+  // A long pull: a lone message must still reach the handler at once, not when the pull expires.
   consumer.subscribe("order.created", [&](const Message& m) {
+    handled_at_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now().time_since_epoch()).count();
     std::lock_guard lock(mutex);
     seen.push_back(m);
-  }, {.ack_wait = Millis{600}});
+  }, {.ack_wait = Millis{600}, .fetch_timeout = Millis{1500}});
   consumer.start();
   CHECK(consumer.running());
+  std::this_thread::sleep_for(100ms);  // the first pull is waiting on the server
 
   PublishOptions o;
   o.message_type = "OrderCreated";
   o.trace_id = "trace-7";
   o.headers["x-tenant"] = "acme";
+  const auto published_at = Clock::now();
   auto r = f.publish("order.created", {{"order_id", 7}}, o);
 
   REQUIRE(wait_until([&] { return consumer.stats(kCreatedDurable).acked == 1; }, 5000ms));
+  const auto latency = Clock::time_point(std::chrono::milliseconds(handled_at_ms.load())) - published_at;
+  CHECK(latency < 500ms);
   std::this_thread::sleep_for(900ms);  // past ack_wait: an unconfirmed ack would show as a redelivery
   {
     std::lock_guard lock(mutex);
