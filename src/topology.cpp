@@ -259,7 +259,11 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
   differs("max_msgs", std::to_string(cfg->MaxMsgs), std::to_string(spec.max_msgs));
   for (const auto& d : result.not_applied) logger()->warn("stream {}: kept as found: {}", spec.name, d);
 
-  std::vector<std::string> new_subjects = existing->subjects;
+  // A stream may not hold overlapping subjects: a broader subject we add replaces the ones it covers.
+  std::vector<std::string> new_subjects;
+  for (const auto& s : existing->subjects) {
+    if (!covered_by(s, missing)) new_subjects.push_back(s);
+  }
   new_subjects.insert(new_subjects.end(), missing.begin(), missing.end());
   const int64_t wanted_dupes = to_nanos(spec.duplicate_window);
   const bool widen_dupes = cfg->Duplicates < wanted_dupes;

@@ -1,4 +1,5 @@
 #include <doctest/doctest.h>
+#include <nats/nats.h>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
@@ -75,7 +76,8 @@ TEST_CASE("an existing stream gains missing subjects but is never weakened") {
   CHECK(r.changes[0].find("test.orders.>") != std::string::npos);
   CHECK_FALSE(r.not_applied.empty());
   auto info = t.stream_info("test-orders-events");
-  CHECK(info.subjects.size() == 2);
+  CHECK(info.subjects == std::vector<std::string>{"test.orders.>"});  // the broader subject replaced the narrow one
+  CHECK(t.ensure_events_stream().action == EnsureAction::unchanged);
 }
 
 TEST_CASE("invalid names and subjects are rejected before reaching the server") {
@@ -121,18 +123,37 @@ TEST_CASE("durable consumers: create, unchanged, update, refused change, recreat
   CHECK(updated.action == EnsureAction::updated);
   CHECK(updated.changes.size() == 2);
 
-  // nats-server 2.9 refuses to change a durable's filter subject in place.
+  // A new filter subject is applied in place (nats-server 2.9.10 allows it).
   auto moved = spec;
   moved.filter_subject = "test.orders.order.*";
+  CHECK(t.ensure_consumer(moved).action == EnsureAction::updated);
+
+  // A push consumer of the same name cannot become a pull consumer in place: a clear error,
+  // the consumer untouched, unless recreate is asked for.
+  testing::RawNats raw(server.url());
+  jsConsumerConfig push;
+  jsConsumerConfig_Init(&push);
+  push.Durable = "test-payments-push";
+  push.DeliverSubject = "push.inbox";
+  push.AckPolicy = js_AckExplicit;
+  push.FilterSubject = "test.orders.order.created";
+  jsConsumerInfo* ci = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  REQUIRE(js_AddConsumer(&ci, raw.js(), "test-orders-events", &push, nullptr, &jerr) == NATS_OK);
+  jsConsumerInfo_Destroy(ci);
+  auto pull = spec;
+  pull.durable = "test-payments-push";
   try {
-    (void)t.ensure_consumer(moved);
-    FAIL("filter change accepted silently");
+    (void)t.ensure_consumer(pull);
+    FAIL("push consumer silently changed");
   } catch (const TopologyError& e) {
     CHECK(std::string(e.what()).find("recreate") != std::string::npos);
+    CHECK(std::string(e.what()).find("test-payments-push") != std::string::npos);
   }
-  CHECK(t.consumer_exists("test-orders-events", spec.durable));  // still there
-  auto recreated = t.ensure_consumer(moved, /*recreate=*/true);
+  CHECK(t.consumer_exists("test-orders-events", "test-payments-push"));
+  auto recreated = t.ensure_consumer(pull, /*recreate=*/true);
   CHECK(recreated.action == EnsureAction::recreated);
+  CHECK(t.ensure_consumer(pull).action == EnsureAction::unchanged);
 
   auto nowhere = Topology::consumer_spec(payments, "test.shipping.x");
   CHECK_THROWS_AS(t.ensure_consumer(nowhere), TopologyError);
