@@ -141,7 +141,9 @@ DlqContext DlqContext::from_json(const json& j) {
 }
 
 std::string DeadLetter::msg_id() const {
-  return "dlq-" + context.stream + "-" + std::to_string(context.sequence);
+  std::string id = "dlq-" + context.stream + "-" + std::to_string(context.sequence);
+  if (!context.consumer.empty()) id += "-" + context.consumer;
+  return id;
 }
 
 std::string dlq_subject(const Config& config, std::string_view original_subject) {

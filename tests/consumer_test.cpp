@@ -302,7 +302,7 @@ TEST_CASE("a permanent error goes to the DLQ at once with all four headers, then
   const auto& d = dlq[0];
   auto h = headers_of(d);
   CHECK(d.subject == "dlq.test.orders.test.orders.order.created");
-  CHECK(d.msg_id == "dlq-test-orders-events-1");
+  CHECK(d.msg_id == "dlq-test-orders-events-1-test-orders-test_orders_order_created");
   CHECK(d.data == original[0].data);
   CHECK(h["topic"] == "order.created");
   CHECK(h["x-tenant"] == "acme");

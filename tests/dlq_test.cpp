@@ -73,7 +73,7 @@ TEST_CASE("a dead letter keeps body and headers and adds the four x- headers") {
   auto letter = sample_letter();
   auto raw = make_dlq_message(letter, "dlq.test.billing.test.orders.order.created", 1024 * 1024);
   CHECK(raw.subject == "dlq.test.billing.test.orders.order.created");
-  CHECK(raw.msg_id == "dlq-test-orders-events-42");
+  CHECK(raw.msg_id == "dlq-test-orders-events-42-test-billing-test_orders_order_created");
   CHECK(raw.payload == letter.body);
   CHECK(raw.headers.at("topic") == "order.created");
   CHECK(raw.headers.at("x-tenant") == "acme");
@@ -113,6 +113,8 @@ TEST_CASE("a dead letter keeps body and headers and adds the four x- headers") {
   CHECK(back.headers.at("Nats-Msg-Id") == "evt-1");  // the original id, not the DLQ one
   CHECK(back.headers.at("x-tenant") == "acme");
   CHECK(back.headers.count("x-dlq-context") == 0);
+  CHECK(back.msg_id() == "dlq-test-orders-events-42-test-billing-test_orders_order_created");
+  back.context.consumer.clear();
   CHECK(back.msg_id() == "dlq-test-orders-events-42");
 }
 
@@ -205,12 +207,18 @@ TEST_CASE("DlqPublisher: stored in the app's DLQ stream, once per original messa
   CHECK_FALSE(first.duplicate);
   auto again = dlq.publish(letter);  // a second instance writing the same letter
   CHECK(again.duplicate);
+  auto audit = letter;               // another durable of this app failing on the same message
+  audit.context.consumer = "test-billing-audit";
+  auto other = dlq.publish(audit);
+  CHECK_FALSE(other.duplicate);
+  CHECK(other.sequence == 2);
 
   testing::RawNats raw(server.url());
   auto stored = raw.read_stream("test-billing-dlq");
-  REQUIRE(stored.size() == 1);
+  REQUIRE(stored.size() == 2);
+  CHECK(stored[1].msg_id == "dlq-test-orders-events-42-test-billing-audit");
   CHECK(stored[0].subject == "dlq.test.billing.test.orders.order.created");
-  CHECK(stored[0].msg_id == "dlq-test-orders-events-42");
+  CHECK(stored[0].msg_id == "dlq-test-orders-events-42-test-billing-test_orders_order_created");
   CHECK(stored[0].data == letter.body);
   auto back = parse_dead_letter(stored[0].subject, stored[0].data, headers_of(stored[0]));
   CHECK(back.context.event_id == letter.context.event_id);

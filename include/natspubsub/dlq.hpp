@@ -9,8 +9,9 @@
 //   x-dlq-context: JSON {event_id, reason, error_class, error_message, deliveries, original_subject,
 //                        stream, sequence, consumer, published_at, raw_base64, ...}
 // Its subject is "dlq.{env}.{consuming app}.{original subject}" and its Nats-Msg-Id is
-// "dlq-{stream}-{sequence}", so the same original dead-lettered twice (two instances, a retry
-// after a lost PubAck) is stored once.
+// "dlq-{stream}-{sequence}-{consumer}", so the same original dead-lettered twice by one durable
+// (two instances, a retry after a lost PubAck) is stored once, while two durables of the app that
+// both fail on it each keep their own dead letter.
 //
 //   natspubsub::DlqPublisher dlq(connection);
 //   natspubsub::DeadLetter letter;
@@ -43,7 +44,7 @@ inline constexpr const char* kDeadLetterHeader = "x-dead-letter";
 inline constexpr const char* kDlqReasonHeader = "x-dlq-reason";
 inline constexpr const char* kDeliveriesHeader = "x-deliveries";
 inline constexpr const char* kDlqContextHeader = "x-dlq-context";
-/// The original Nats-Msg-Id (the DLQ message carries its own, "dlq-{stream}-{sequence}").
+/// The original Nats-Msg-Id (the DLQ message carries its own, "dlq-{stream}-{sequence}-{consumer}").
 inline constexpr const char* kOriginalMsgIdHeader = "x-original-msg-id";
 
 /// error_message is cut to this many bytes in the context, so a huge exception text cannot
@@ -96,7 +97,8 @@ struct DeadLetter {
   Headers headers;                ///< the original headers (without the x-dlq ones)
   DlqContext context;
 
-  /// The Nats-Msg-Id of the DLQ message: "dlq-{stream}-{sequence}".
+  /// The Nats-Msg-Id of the DLQ message: "dlq-{stream}-{sequence}-{consumer}" ("dlq-{stream}-{sequence}"
+  /// when the consumer is empty).
   [[nodiscard]] std::string msg_id() const;
 };
 
