@@ -172,8 +172,11 @@ class Consumer {
   /// Ensures streams and durable consumers, then starts fetching. Throws TopologyError,
   /// ConfigError (bad options) or NatsError; on failure nothing keeps running.
   void start();
-  /// Stops fetching, NAKs fetched messages that have not started, lets running handlers finish
-  /// until `deadline` (then NAKs theirs), flushes acks. Safe to call twice.
+  /// Stops fetching (a pull already waiting ends within fetch_timeout: cnats cannot cancel it;
+  /// what it brings still runs on idle workers), NAKs without delay the fetched messages that have
+  /// not started, lets running handlers finish until `deadline` (then NAKs theirs and requests
+  /// Message::stop_token), flushes acks and NAKs. The durables stay. Safe to call twice.
+  /// A NAK on stop counts as a delivery of that message (JetStream keeps no other count).
   StopReport stop(Millis deadline);
   StopReport stop();
 
