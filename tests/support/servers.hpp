@@ -22,6 +22,8 @@ namespace natspubsub::testing {
 class TempDir {
  public:
   explicit TempDir(const std::string& prefix = "natspubsub");
+  /// Under `parent` instead (PostgreSQL as user postgres needs a parent it can traverse).
+  TempDir(const std::string& prefix, const std::filesystem::path& parent);
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
@@ -55,6 +57,9 @@ class NatsServer {
   [[nodiscard]] int port() const noexcept;
   [[nodiscard]] const std::filesystem::path& store_dir() const noexcept;
   [[nodiscard]] bool running() const noexcept;
+  [[nodiscard]] int pid() const noexcept;  ///< -1 when not running
+  [[nodiscard]] const std::string& server_name() const noexcept;  ///< as JetStream reports leaders
+  [[nodiscard]] std::filesystem::path log_file() const;           ///< stdout+stderr of all runs
 
   void start();  ///< (re)start on the same port and store; returns once it accepts connections
   void stop();   ///< SIGTERM and wait (bounded); SIGKILL if it does not exit in 10 s
@@ -63,6 +68,7 @@ class NatsServer {
  private:
   friend class NatsCluster;
   struct Impl;
+  explicit NatsServer(std::unique_ptr<Impl> impl);  // a cluster node, not started yet
   std::unique_ptr<Impl> impl_;
 };
 
@@ -94,11 +100,15 @@ class PostgresServer {
   PostgresServer& operator=(const PostgresServer&) = delete;
 
   [[nodiscard]] int port() const noexcept;
+  [[nodiscard]] int pid() const noexcept;  ///< the postmaster; -1 when not running
+  [[nodiscard]] std::filesystem::path log_file() const;
   /// "postgresql://postgres@127.0.0.1:PORT/postgres" (trust auth on loopback).
   [[nodiscard]] std::string url(const std::string& database = "postgres") const;
   /// CREATE DATABASE name (once) and return its url.
   std::string create_database(const std::string& name);
-  /// Runs SQL with psql against `database`; returns stdout (tuples only, unaligned). Throws on error.
+  /// Runs SQL with psql against `database` as a script (statement by statement, stopping at the
+  /// first error); returns stdout (tuples only, unaligned, no command tags) without trailing
+  /// newlines. Throws std::runtime_error with psql's stderr on error.
   std::string psql(const std::string& sql, const std::string& database = "postgres") const;
 
   void stop();     ///< fast shutdown, bounded wait
@@ -110,10 +120,12 @@ class PostgresServer {
   std::unique_ptr<Impl> impl_;
 };
 
-/// Runs a shell command, returns its exit status and captured stdout (bounded by timeout).
+/// Runs a shell command (/bin/sh -c), returns its exit status and captured stdout (and stderr
+/// apart). On timeout the command's process group is killed and status is -1.
 struct CommandResult {
-  int status = -1;
+  int status = -1;  ///< exit code; 128+N when killed by signal N; -1 on timeout
   std::string output;
+  std::string error;  ///< stderr
 };
 CommandResult run_command(const std::string& command, std::chrono::seconds timeout = std::chrono::seconds(120));
 
