@@ -136,10 +136,16 @@ struct OutboxStats {
 /// in one batch, and a row whose predecessor is held by another relay (live lease), waits for
 /// its backoff, or is failed, is not claimed by anyone. Claims on PostgreSQL are serialised by a
 /// transaction-scoped advisory lock (the claim is one short statement; publishing happens
-/// outside it), so two claims never decide from the same stale snapshot; mark_failed and
-/// release, the other transitions that can make a row block its successors, take the same lock.
-/// On SQLite the write lock does the same. A failed row therefore blocks the later rows of its
-/// key until the operator retries or deletes it: order is kept, never silently broken.
+/// outside it), so two claims never decide from the same stale snapshot; mark_failed, release,
+/// renew_lease and retry_failed, the other transitions that can change whether a row blocks its
+/// successors, take the same lock (mark_sent, delete_sent and cleanup only unblock). On SQLite
+/// the write lock does the same. A failed row blocks the later rows of its key until the
+/// operator retries or deletes it: order is kept, never silently broken.
+///
+/// For the relay: publish a batch in id order; when a keyed row's publish fails, do not mark
+/// its later same-key rows of the batch sent; release them (or fail them too), so they go out
+/// after it. Rows inserted by hand (not through enqueue) skip enqueue's per-key lock on
+/// PostgreSQL: concurrent writers of one key must then order their commits themselves.
 ///
 ///   auto store = natspubsub::make_outbox_store(db);
 ///   auto rows = store->claim("relay-1", 100, std::chrono::seconds(30));
