@@ -1,0 +1,149 @@
+// The inbox on PostgreSQL (READ COMMITTED).
+//
+// Two instances receiving one event at once: both INSERT ... ON CONFLICT DO NOTHING the same
+// (consumer, event_id). The second INSERT waits on the first's uncommitted row; when the first
+// commits, the second's insert does nothing and its SELECT ... FOR UPDATE (a fresh snapshot)
+// finds the row processed: duplicate. When the first rolls back, the second's insert goes
+// through and it runs the handler. A redelivery of a failed row takes the row lock with
+// SELECT ... FOR UPDATE before running, so concurrent redeliveries take turns the same way.
+#include <natspubsub/store/postgres.hpp>
+
+#include <optional>
+
+#include <pqxx/transaction>
+
+#include "store/inbox_internal.hpp"
+#include "store/logger.hpp"
+#include "store/outbox_internal.hpp"
+#include "store/postgres_exec.hpp"
+
+namespace natspubsub::detail {
+
+namespace {
+
+constexpr std::string_view kColumns =
+    "consumer, event_id, subject, stream, stream_seq, status, deliveries, last_error, "
+    "(extract(epoch FROM received_at) * 1000)::bigint, (extract(epoch FROM processed_at) * 1000)::bigint";
+
+class PostgresInbox final : public Inbox {
+ public:
+  explicit PostgresInbox(store::PostgresDatabase& db) : db_(db) {}
+
+  InboxResult process(const InboxKey& key, const Handler& handler) override {
+    validate_inbox_key(key);
+    std::optional<pqxx::work> txn;
+    int deliveries = 0;
+    try {
+      txn.emplace(db_.connection());
+      auto inserted = exec(*txn,
+                           "INSERT INTO natspubsub_inbox (consumer, event_id, subject, stream, stream_seq, status, "
+                           "deliveries) VALUES ($1, $2, $3, $4, $5, 'processing', $6) "
+                           "ON CONFLICT (consumer, event_id) DO NOTHING RETURNING deliveries",
+                           {key.consumer, key.event_id, key.subject, key.stream, key.stream_seq,
+                            next_deliveries(std::nullopt, key.deliveries)});
+      if (!inserted.empty()) {
+        deliveries = static_cast<int>(inserted.front().as_int(0));
+      } else {
+        auto existing = exec(*txn,
+                             "SELECT status, deliveries FROM natspubsub_inbox "
+                             "WHERE consumer = $1 AND event_id = $2 FOR UPDATE",
+                             {key.consumer, key.event_id});
+        if (existing.empty()) {
+          // The row was deleted (cleanup) between the two statements: the event is new again.
+          throw store::RetryableDatabaseError("inbox row of " + key.event_id + " vanished concurrently");
+        }
+        if (existing.front().as_text(0) == "processed") {
+          txn->commit();
+          return InboxResult::duplicate;
+        }
+        deliveries = next_deliveries(existing.front().as_int(1), key.deliveries);
+        exec(*txn,
+             "UPDATE natspubsub_inbox SET status = 'processing', deliveries = $3, subject = $4, stream = $5, "
+             "stream_seq = $6 WHERE consumer = $1 AND event_id = $2",
+             {key.consumer, key.event_id, deliveries, key.subject, key.stream, key.stream_seq});
+      }
+    } catch (...) {
+      store::rethrow_postgres_error("inbox: recording the delivery of " + key.event_id, &db_.url());
+    }
+
+    std::exception_ptr failure;
+    try {
+      store::Transaction handle(*txn);
+      handler(handle);
+      exec(*txn,
+           "UPDATE natspubsub_inbox SET status = 'processed', processed_at = now(), last_error = NULL "
+           "WHERE consumer = $1 AND event_id = $2",
+           {key.consumer, key.event_id});
+      txn->commit();
+      return InboxResult::processed;
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    txn.reset();  // aborts: the handler's writes and the processing row go
+    record_failure(key, deliveries, describe(failure));
+    try {
+      std::rethrow_exception(failure);
+    } catch (...) {
+      // libpqxx errors become the typed store errors; the handler's own exceptions pass unchanged.
+      store::rethrow_postgres_error("inbox handler for " + key.event_id, &db_.url());
+    }
+  }
+
+  std::optional<InboxRecord> find(std::string_view consumer, std::string_view event_id) override {
+    auto rows = db_.query("SELECT " + std::string(kColumns) +
+                              " FROM natspubsub_inbox WHERE consumer = $1 AND event_id = $2",
+                          {consumer, event_id});
+    if (rows.empty()) return std::nullopt;
+    return inbox_record_from(rows.front());
+  }
+
+  std::size_t cleanup_processed(std::chrono::milliseconds older_than, std::size_t batch_limit) override {
+    if (batch_limit == 0) return 0;
+    auto rows = db_.query(
+        "WITH doomed AS ("
+        " SELECT consumer, event_id FROM natspubsub_inbox WHERE status = 'processed'"
+        " AND processed_at < now() - make_interval(secs => $1::double precision / 1000)"
+        " ORDER BY processed_at LIMIT $2)"
+        " DELETE FROM natspubsub_inbox AS t USING doomed"
+        " WHERE t.consumer = doomed.consumer AND t.event_id = doomed.event_id RETURNING 1",
+        {older_than.count(), static_cast<std::int64_t>(batch_limit)});
+    return rows.size();
+  }
+
+ private:
+  std::vector<store::Row> exec(pqxx::work& txn, std::string_view sql, const store::Params& params) {
+    return store::detail::to_rows(store::detail::pg_exec(txn, sql, params, &db_.url()));
+  }
+
+  // Its own short transaction, after the handler's rolled back; never downgrades a processed row
+  // (another instance may have processed the event meanwhile).
+  void record_failure(const InboxKey& key, int deliveries, const std::string& error) noexcept {
+    try {
+      pqxx::work txn(db_.connection());
+      exec(txn,
+           "INSERT INTO natspubsub_inbox (consumer, event_id, subject, stream, stream_seq, status, deliveries, "
+           "last_error) VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7) "
+           "ON CONFLICT (consumer, event_id) DO UPDATE SET status = 'failed', "
+           "deliveries = GREATEST(natspubsub_inbox.deliveries, EXCLUDED.deliveries), "
+           "last_error = EXCLUDED.last_error WHERE natspubsub_inbox.status <> 'processed'",
+           {key.consumer, key.event_id, key.subject, key.stream, key.stream_seq, deliveries, error});
+      txn.commit();
+    } catch (const std::exception& e) {
+      try {
+        store::detail::logger()->warn("natspubsub: inbox could not record the failure of {} for {}: {}",
+                                      key.event_id, key.consumer, db_.url().scrub(e.what()));
+      } catch (...) {
+      }
+    }
+  }
+
+  store::PostgresDatabase& db_;
+};
+
+}  // namespace
+
+std::unique_ptr<Inbox> make_postgres_inbox(store::PostgresDatabase& db) {
+  return std::make_unique<PostgresInbox>(db);
+}
+
+}  // namespace natspubsub::detail

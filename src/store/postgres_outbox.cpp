@@ -1,0 +1,247 @@
+// The outbox store on PostgreSQL. Every operation is one short READ COMMITTED transaction.
+//
+// Per-key order with several relays: the claim statement alone is not enough under concurrency,
+// because two claims running at once would each judge "is an earlier row of this key still
+// unsent and not claimable?" from their own snapshot, in which the other's claim is invisible.
+// So each claim first takes a transaction-scoped advisory lock (kClaimLock): claims run one at a
+// time, and each one's statement snapshot (taken after the lock) contains every earlier claim.
+// The lock is held for one statement, not while publishing, so relays still publish in parallel.
+// The other transitions that can turn a claimable row into a blocking one (mark_failed: back to
+// a later next_attempt_at or failed; release and renew_lease on a row whose lease had expired;
+// retry_failed for symmetry) take the same lock. mark_sent, delete_sent and cleanup only ever
+// unblock successors, so they do not. FOR UPDATE SKIP LOCKED keeps a claim from waiting on a row
+// a mark is updating at that moment.
+#include <natspubsub/store/postgres.hpp>
+
+#include <algorithm>
+
+#include <pqxx/transaction>
+
+#include "store/outbox_internal.hpp"
+#include "store/postgres_exec.hpp"
+
+namespace natspubsub::detail {
+
+namespace {
+
+// "NPSBOUTB" in ASCII: the single-bigint advisory lock serialising claims.
+constexpr std::int64_t kClaimLock = 0x4e5053424f555442;
+
+constexpr std::string_view kColumns =
+    "id, event_id, subject, payload, headers::text, partition_key, status, attempts, last_error, "
+    "(extract(epoch FROM next_attempt_at) * 1000)::bigint, (extract(epoch FROM created_at) * 1000)::bigint";
+
+// $1 relay, $2 batch size, $3 lease (ms). See OutboxStore for the per-key rule.
+constexpr std::string_view kClaim = R"sql(
+WITH candidates AS (
+  SELECT o.id FROM natspubsub_outbox AS o
+  WHERE o.status IN ('pending', 'publishing')
+    AND ((o.status = 'pending' AND o.next_attempt_at <= now())
+         OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
+    AND (o.partition_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM natspubsub_outbox AS e
+          WHERE e.partition_key = o.partition_key AND e.id < o.id AND e.status <> 'sent'
+            AND NOT ((e.status = 'pending' AND e.next_attempt_at <= now())
+                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, '-infinity') < now()))))
+  ORDER BY o.id
+  LIMIT $2
+  FOR UPDATE SKIP LOCKED)
+UPDATE natspubsub_outbox AS t
+SET status = 'publishing', locked_by = $1,
+    locked_until = now() + make_interval(secs => $3::double precision / 1000)
+FROM candidates AS c
+WHERE t.id = c.id
+RETURNING t.id, t.event_id, t.subject, t.payload, t.headers::text, t.partition_key, t.status, t.attempts,
+          t.last_error, (extract(epoch FROM t.next_attempt_at) * 1000)::bigint,
+          (extract(epoch FROM t.created_at) * 1000)::bigint)sql";
+
+constexpr std::string_view kHeld = " AND status = 'publishing' AND locked_by = $1";
+
+class PostgresOutboxStore final : public OutboxStore {
+ public:
+  explicit PostgresOutboxStore(store::PostgresDatabase& db) : db_(db) {}
+
+  std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size,
+                               std::chrono::milliseconds lease) override {
+    if (batch_size == 0) return {};
+    auto rows = transact("claiming outbox rows", /*claim_lock=*/true, [&](pqxx::work& txn) {
+      return exec(txn, kClaim, {relay_id, static_cast<std::int64_t>(batch_size), lease.count()});
+    });
+    return to_sorted_rows(rows);
+  }
+
+  std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
+                          std::chrono::milliseconds lease) override {
+    return update_held("renewing outbox leases", true,
+                       "UPDATE natspubsub_outbox SET locked_until = now() + make_interval(secs => "
+                       "$3::double precision / 1000) WHERE id = ANY($2::bigint[])",
+                       relay_id, ids, lease.count());
+  }
+
+  std::size_t mark_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    return update_held("marking outbox rows sent", false,
+                       "UPDATE natspubsub_outbox SET status = 'sent', sent_at = now(), locked_by = NULL, "
+                       "locked_until = NULL WHERE id = ANY($2::bigint[])",
+                       relay_id, ids, std::nullopt);
+  }
+
+  std::size_t delete_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    return update_held("deleting sent outbox rows", false,
+                       "DELETE FROM natspubsub_outbox WHERE id = ANY($2::bigint[])", relay_id, ids, std::nullopt);
+  }
+
+  OutboxFailResult mark_failed(std::string_view relay_id, std::span<const OutboxFailure> failures,
+                               int max_attempts) override {
+    OutboxFailResult result;
+    if (failures.empty()) return result;
+    max_attempts = std::max(max_attempts, 1);
+    auto rows = transact("recording failed publishes", true, [&](pqxx::work& txn) {
+      return exec(txn, R"sql(
+UPDATE natspubsub_outbox AS t
+SET attempts = t.attempts + 1,
+    last_error = f.error,
+    status = CASE WHEN t.attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,
+    next_attempt_at = now() + make_interval(secs => f.delay_ms::double precision / 1000),
+    locked_by = NULL,
+    locked_until = NULL
+FROM jsonb_to_recordset($2::jsonb) AS f(id bigint, error text, delay_ms bigint)
+WHERE t.id = f.id AND t.status = 'publishing' AND t.locked_by = $1
+RETURNING t.id, t.status)sql",
+                  {relay_id, failures_json(failures), max_attempts});
+    });
+    for (const auto& row : rows) {
+      (row.as_text(1) == "failed" ? result.failed : result.rescheduled).push_back(row.as_int(0));
+    }
+    std::sort(result.failed.begin(), result.failed.end());
+    std::sort(result.rescheduled.begin(), result.rescheduled.end());
+    return result;
+  }
+
+  std::size_t release(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    return update_held("releasing outbox rows", true,
+                       "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = now(), locked_by = NULL, "
+                       "locked_until = NULL WHERE id = ANY($2::bigint[])",
+                       relay_id, ids, std::nullopt);
+  }
+
+  std::size_t cleanup_sent(std::chrono::milliseconds older_than, std::size_t batch_limit) override {
+    if (batch_limit == 0) return 0;
+    auto rows = transact("cleaning up sent outbox rows", false, [&](pqxx::work& txn) {
+      return exec(txn,
+                  "WITH doomed AS ("
+                  " SELECT id FROM natspubsub_outbox WHERE status = 'sent'"
+                  " AND sent_at < now() - make_interval(secs => $1::double precision / 1000)"
+                  " ORDER BY sent_at LIMIT $2)"
+                  " DELETE FROM natspubsub_outbox AS t USING doomed WHERE t.id = doomed.id RETURNING t.id",
+                  {older_than.count(), static_cast<std::int64_t>(batch_limit)});
+    });
+    return rows.size();
+  }
+
+  OutboxStats stats() override {
+    auto rows = transact("reading outbox stats", false, [&](pqxx::work& txn) {
+      return exec(txn,
+                  "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'publishing'),"
+                  " count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'failed'),"
+                  " (extract(epoch FROM now() - min(created_at) FILTER (WHERE status IN ('pending', 'publishing')))"
+                  " * 1000)::bigint"
+                  " FROM natspubsub_outbox");
+    });
+    OutboxStats stats;
+    const auto& row = rows.at(0);
+    stats.pending = row.as_int(0);
+    stats.publishing = row.as_int(1);
+    stats.sent = row.as_int(2);
+    stats.failed = row.as_int(3);
+    if (!row.is_null(4)) stats.oldest_unsent_age = std::chrono::milliseconds(std::max<std::int64_t>(0, row.as_int(4)));
+    return stats;
+  }
+
+  std::vector<OutboxRow> list_failed(std::size_t limit) override {
+    auto rows = transact("listing failed outbox rows", false, [&](pqxx::work& txn) {
+      return exec(txn,
+                  "SELECT " + std::string(kColumns) +
+                      " FROM natspubsub_outbox WHERE status = 'failed' ORDER BY id LIMIT $1",
+                  {static_cast<std::int64_t>(limit)});
+    });
+    return to_sorted_rows(rows);
+  }
+
+  std::size_t retry_failed(std::span<const std::int64_t> ids) override {
+    if (ids.empty()) return 0;
+    auto rows = transact("retrying failed outbox rows", true, [&](pqxx::work& txn) {
+      return exec(txn,
+                  "UPDATE natspubsub_outbox SET status = 'pending', attempts = 0, next_attempt_at = now() "
+                  "WHERE status = 'failed' AND id = ANY($1::bigint[]) RETURNING id",
+                  {pg_array(ids)});
+    });
+    return rows.size();
+  }
+
+  std::size_t retry_all_failed() override {
+    auto rows = transact("retrying failed outbox rows", true, [&](pqxx::work& txn) {
+      return exec(txn,
+                  "UPDATE natspubsub_outbox SET status = 'pending', attempts = 0, next_attempt_at = now() "
+                  "WHERE status = 'failed' RETURNING id");
+    });
+    return rows.size();
+  }
+
+ private:
+  std::vector<store::Row> exec(pqxx::work& txn, std::string_view sql, const store::Params& params = {}) {
+    return store::detail::to_rows(store::detail::pg_exec(txn, sql, params, &db_.url()));
+  }
+
+  /// One transaction around `fn`, optionally holding the claim lock; errors typed and scrubbed.
+  template <typename F>
+  std::vector<store::Row> transact(std::string_view what, bool claim_lock, F&& fn) {
+    try {
+      pqxx::work txn(db_.connection());
+      if (claim_lock) txn.exec_params("SELECT pg_advisory_xact_lock($1)", kClaimLock);
+      auto rows = fn(txn);
+      txn.commit();
+      return rows;
+    } catch (...) {
+      store::rethrow_postgres_error(what, &db_.url());
+    }
+  }
+
+  // $1 relay, $2 ids (bigint[]), $3 the statement's value (if any); only rows still held.
+  std::size_t update_held(std::string_view what, bool claim_lock, std::string_view sql, std::string_view relay_id,
+                          std::span<const std::int64_t> ids, std::optional<std::int64_t> value) {
+    if (ids.empty()) return 0;
+    store::Params params{relay_id, pg_array(ids)};
+    if (value) params.emplace_back(*value);
+    auto rows = transact(what, claim_lock, [&](pqxx::work& txn) {
+      return exec(txn, std::string(sql) + std::string(kHeld) + " RETURNING 1", params);
+    });
+    return rows.size();
+  }
+
+  static std::string pg_array(std::span<const std::int64_t> ids) {
+    std::string out = "{";
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (i != 0) out += ',';
+      out += std::to_string(ids[i]);
+    }
+    return out + "}";
+  }
+
+  static std::vector<OutboxRow> to_sorted_rows(const std::vector<store::Row>& rows) {
+    std::vector<OutboxRow> out;
+    out.reserve(rows.size());
+    for (const auto& row : rows) out.push_back(outbox_row_from(row));
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+    return out;
+  }
+
+  store::PostgresDatabase& db_;
+};
+
+}  // namespace
+
+std::unique_ptr<OutboxStore> make_postgres_outbox_store(store::PostgresDatabase& db) {
+  return std::make_unique<PostgresOutboxStore>(db);
+}
+
+}  // namespace natspubsub::detail

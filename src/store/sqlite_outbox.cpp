@@ -1,0 +1,206 @@
+// The outbox store on SQLite. Every operation is one BEGIN IMMEDIATE transaction: SQLite has
+// one writer at a time, so claims (from any number of relay processes) are serialised by the
+// database's write lock and always decide on the latest committed state.
+#include <natspubsub/store/sqlite.hpp>
+
+#include <algorithm>
+
+#include "store/outbox_internal.hpp"
+
+namespace natspubsub::detail {
+
+namespace {
+
+constexpr std::string_view kColumns =
+    "id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at, "
+    "created_at";
+
+// $1 relay, $2 batch size, $3 now (ms), $4 lease end (ms). The per-key rule is documented on
+// OutboxStore: a keyed row is claimable only when every earlier unsent row of its key is
+// claimable too (and so, by ORDER BY id, in the same batch). `status IN (...)` is repeated so
+// SQLite can use the partial claim index.
+constexpr std::string_view kClaim = R"sql(
+UPDATE natspubsub_outbox
+SET status = 'publishing', locked_by = $1, locked_until = $4
+WHERE id IN (
+  SELECT o.id FROM natspubsub_outbox AS o
+  WHERE o.status IN ('pending', 'publishing')
+    AND ((o.status = 'pending' AND o.next_attempt_at <= $3)
+         OR (o.status = 'publishing' AND COALESCE(o.locked_until, 0) < $3))
+    AND (o.partition_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM natspubsub_outbox AS e
+          WHERE e.partition_key = o.partition_key AND e.id < o.id AND e.status <> 'sent'
+            AND NOT ((e.status = 'pending' AND e.next_attempt_at <= $3)
+                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, 0) < $3))))
+  ORDER BY o.id
+  LIMIT $2)
+RETURNING id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at,
+          created_at)sql";
+
+constexpr std::string_view kHeld = " AND status = 'publishing' AND locked_by = $1";
+
+class SqliteOutboxStore final : public OutboxStore {
+ public:
+  explicit SqliteOutboxStore(store::SqliteDatabase& db) : db_(db) {}
+
+  std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size,
+                               std::chrono::milliseconds lease) override {
+    if (batch_size == 0) return {};
+    auto now = unix_ms_now();
+    auto txn = db_.begin();
+    auto rows = txn.query(kClaim, {relay_id, static_cast<std::int64_t>(batch_size), now, now + lease.count()});
+    txn.commit();
+    return to_sorted_rows(rows);
+  }
+
+  std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
+                          std::chrono::milliseconds lease) override {
+    return update_held(
+        "UPDATE natspubsub_outbox SET locked_until = $3 WHERE id IN (SELECT value FROM json_each($2))",
+        relay_id, ids, unix_ms_now() + lease.count());
+  }
+
+  std::size_t mark_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    return update_held(
+        "UPDATE natspubsub_outbox SET status = 'sent', sent_at = $3, locked_by = NULL, locked_until = NULL "
+        "WHERE id IN (SELECT value FROM json_each($2))",
+        relay_id, ids, unix_ms_now());
+  }
+
+  std::size_t delete_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    if (ids.empty()) return 0;
+    auto txn = db_.begin();
+    auto n = txn.execute(
+        std::string("DELETE FROM natspubsub_outbox WHERE id IN (SELECT value FROM json_each($2))") +
+            std::string(kHeld),
+        {relay_id, ids_json(ids)});
+    txn.commit();
+    return static_cast<std::size_t>(n);
+  }
+
+  OutboxFailResult mark_failed(std::string_view relay_id, std::span<const OutboxFailure> failures,
+                               int max_attempts) override {
+    OutboxFailResult result;
+    if (failures.empty()) return result;
+    max_attempts = std::max(max_attempts, 1);
+    auto txn = db_.begin();
+    auto rows = txn.query(R"sql(
+UPDATE natspubsub_outbox
+SET attempts = attempts + 1,
+    last_error = f.error,
+    status = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,
+    next_attempt_at = $4 + f.delay_ms,
+    locked_by = NULL,
+    locked_until = NULL
+FROM (SELECT json_extract(value, '$.id') AS fid, json_extract(value, '$.error') AS error,
+             json_extract(value, '$.delay_ms') AS delay_ms
+      FROM json_each($2)) AS f
+WHERE natspubsub_outbox.id = f.fid AND status = 'publishing' AND locked_by = $1
+RETURNING id, status)sql",
+                          {relay_id, failures_json(failures), max_attempts, unix_ms_now()});
+    txn.commit();
+    for (const auto& row : rows) {
+      (row.as_text(1) == "failed" ? result.failed : result.rescheduled).push_back(row.as_int(0));
+    }
+    std::sort(result.failed.begin(), result.failed.end());
+    std::sort(result.rescheduled.begin(), result.rescheduled.end());
+    return result;
+  }
+
+  std::size_t release(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    return update_held(
+        "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = $3, locked_by = NULL, "
+        "locked_until = NULL WHERE id IN (SELECT value FROM json_each($2))",
+        relay_id, ids, unix_ms_now());
+  }
+
+  std::size_t cleanup_sent(std::chrono::milliseconds older_than, std::size_t batch_limit) override {
+    if (batch_limit == 0) return 0;
+    auto txn = db_.begin();
+    auto n = txn.execute(
+        "DELETE FROM natspubsub_outbox WHERE id IN ("
+        " SELECT id FROM natspubsub_outbox WHERE status = 'sent' AND sent_at < $1 ORDER BY sent_at LIMIT $2)",
+        {unix_ms_now() - older_than.count(), static_cast<std::int64_t>(batch_limit)});
+    txn.commit();
+    return static_cast<std::size_t>(n);
+  }
+
+  OutboxStats stats() override {
+    auto txn = db_.begin(store::SqliteTransaction::Mode::deferred);
+    auto rows = txn.query(
+        "SELECT COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'publishing'), 0),"
+        " COALESCE(SUM(status = 'sent'), 0), COALESCE(SUM(status = 'failed'), 0),"
+        " MIN(CASE WHEN status IN ('pending', 'publishing') THEN created_at END)"
+        " FROM natspubsub_outbox");
+    txn.commit();
+    OutboxStats stats;
+    const auto& row = rows.at(0);
+    stats.pending = row.as_int(0);
+    stats.publishing = row.as_int(1);
+    stats.sent = row.as_int(2);
+    stats.failed = row.as_int(3);
+    if (!row.is_null(4)) {
+      stats.oldest_unsent_age = std::chrono::milliseconds(std::max<std::int64_t>(0, unix_ms_now() - row.as_int(4)));
+    }
+    return stats;
+  }
+
+  std::vector<OutboxRow> list_failed(std::size_t limit) override {
+    auto txn = db_.begin(store::SqliteTransaction::Mode::deferred);
+    auto rows = txn.query("SELECT " + std::string(kColumns) +
+                              " FROM natspubsub_outbox WHERE status = 'failed' ORDER BY id LIMIT $1",
+                          {static_cast<std::int64_t>(limit)});
+    txn.commit();
+    return to_sorted_rows(rows);
+  }
+
+  std::size_t retry_failed(std::span<const std::int64_t> ids) override {
+    if (ids.empty()) return 0;
+    auto txn = db_.begin();
+    auto n = txn.execute(
+        "UPDATE natspubsub_outbox SET status = 'pending', attempts = 0, next_attempt_at = $2 "
+        "WHERE status = 'failed' AND id IN (SELECT value FROM json_each($1))",
+        {ids_json(ids), unix_ms_now()});
+    txn.commit();
+    return static_cast<std::size_t>(n);
+  }
+
+  std::size_t retry_all_failed() override {
+    auto txn = db_.begin();
+    auto n = txn.execute(
+        "UPDATE natspubsub_outbox SET status = 'pending', attempts = 0, next_attempt_at = $1 WHERE status = 'failed'",
+        {unix_ms_now()});
+    txn.commit();
+    return static_cast<std::size_t>(n);
+  }
+
+ private:
+  // $1 relay, $2 ids (JSON array), $3 the statement's value; only rows still held by the relay.
+  std::size_t update_held(std::string_view sql, std::string_view relay_id, std::span<const std::int64_t> ids,
+                          std::int64_t value) {
+    if (ids.empty()) return 0;
+    auto txn = db_.begin();
+    auto n = txn.execute(std::string(sql) + std::string(kHeld), {relay_id, ids_json(ids), value});
+    txn.commit();
+    return static_cast<std::size_t>(n);
+  }
+
+  static std::vector<OutboxRow> to_sorted_rows(const std::vector<store::Row>& rows) {
+    std::vector<OutboxRow> out;
+    out.reserve(rows.size());
+    for (const auto& row : rows) out.push_back(outbox_row_from(row));
+    // RETURNING yields rows in no particular order; the relay publishes in id order.
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+    return out;
+  }
+
+  store::SqliteDatabase& db_;
+};
+
+}  // namespace
+
+std::unique_ptr<OutboxStore> make_sqlite_outbox_store(store::SqliteDatabase& db) {
+  return std::make_unique<SqliteOutboxStore>(db);
+}
+
+}  // namespace natspubsub::detail
