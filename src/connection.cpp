@@ -126,6 +126,8 @@ struct Connection::Impl {
 
   void close() noexcept {
     if (!nc) return;
+    // A deliberate close is not a lost connection: the disconnected callback must not say so.
+    callbacks->state = ConnectionState::closed;
     js.reset();
     natsConnection_Close(nc.get());
     {

@@ -5,7 +5,15 @@ namespace natspubsub::detail {
 std::string last_error_text(natsStatus status) {
   natsStatus last = NATS_OK;
   const char* text = nats_GetLastError(&last);
-  if (text != nullptr && *text != '\0' && last == status) return text;
+  if (text != nullptr && *text != '\0' && last == status) {
+    // cnats prefixes its source location, "(conn.c:2088): ": not useful to a reader.
+    std::string_view t(text);
+    if (t.front() == '(') {
+      auto end = t.find("): ");
+      if (end != std::string_view::npos) t.remove_prefix(end + 3);
+    }
+    return std::string(t);
+  }
   return natsStatus_GetText(status);
 }
 

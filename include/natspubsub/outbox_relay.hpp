@@ -1,0 +1,110 @@
+#pragma once
+// The outbox relay engine: moves committed outbox rows into JetStream.
+//
+//   auto db = natspubsub::store::open_database("postgresql://relay@db/orders");
+//   natspubsub::Connection nats(config);
+//   natspubsub::OutboxRelay relay(nats, *db);
+//   std::jthread worker([&](std::stop_token stop) { relay.run(stop); });
+//
+// One cycle: claim a batch (leased to this relay), publish every row asynchronously with
+// Nats-Msg-Id = event_id, wait for every PubAck, then in one statement mark the acknowledged
+// rows sent (or delete them) and reschedule the failed ones with backoff. A relay killed at any
+// point loses nothing: its rows stay leased until the lease ends and are then claimed again; what
+// it had already published is dropped by JetStream's deduplication (same Nats-Msg-Id).
+//
+// Order: rows are published in id order and, per partition key, the store only hands out a row
+// once every earlier row of its key is sent (see OutboxStore), so several relays keep per-key
+// order. Within one batch, if an earlier row of a key fails while a later one of the same key
+// succeeds, the later one is already in the stream: the relay does not claim further rows of the
+// key until the failed one is sent, but that one pair is out of order. It happens only when a
+// single message of the window fails (e.g. refused as too large); a lost connection fails every
+// message after it.
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stop_token>
+#include <string>
+#include <vector>
+
+#include <natspubsub/config.hpp>
+
+namespace natspubsub {
+
+class Connection;
+class OutboxStore;
+namespace store {
+class Database;
+}  // namespace store
+
+struct RelayOptions {
+  std::string relay_id;                 ///< default: "<hostname>-<pid>-<random>"
+  std::size_t batch_size = 500;         ///< rows claimed and published per cycle
+  Millis poll_interval{250};            ///< wait when nothing was claimable
+  Millis lease{60000};                  ///< how long a claimed row is ours before others may take it
+  int max_attempts = 10;                ///< failed publishes before a row is `failed`
+  std::vector<Millis> backoff{Millis{1000}, Millis{5000}, Millis{30000}, Millis{120000}, Millis{600000}};
+  bool delete_sent = false;             ///< retention: delete rows once acknowledged instead of marking them sent
+  Millis cleanup_after{24 * 3600 * 1000};  ///< sent rows older than this are deleted by cleanup
+  std::size_t cleanup_batch = 1000;     ///< rows deleted per cleanup statement
+  Millis cleanup_interval{60000};
+  int publish_window = 256;             ///< messages in flight
+  Millis ack_timeout{10000};
+};
+
+/// A histogram of publish latencies (claim to acknowledgement), in seconds, Prometheus style.
+struct LatencyHistogram {
+  static constexpr std::array<double, 10> kBounds{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0};
+  std::array<uint64_t, kBounds.size() + 1> counts{};  ///< last bucket: +Inf
+  double sum_seconds = 0;
+  uint64_t count = 0;
+  void record(double seconds);
+};
+
+struct RelayStats {
+  uint64_t batches = 0;
+  uint64_t published = 0;       ///< acknowledged by JetStream (including duplicates)
+  uint64_t duplicates = 0;      ///< acknowledged as already stored (an earlier relay had sent them)
+  uint64_t retried = 0;         ///< failed publishes rescheduled with backoff
+  uint64_t failed = 0;          ///< rows that reached max_attempts (status failed)
+  uint64_t released = 0;        ///< rows given back unpublished (connection lost, shutdown)
+  uint64_t cleaned = 0;         ///< sent rows deleted by cleanup
+  uint64_t errors = 0;          ///< cycles that failed (database or NATS trouble), retried later
+  LatencyHistogram publish_latency;
+};
+
+/// Borrows a Connection and a Database (both must outlive it). One relay runs on one thread.
+class OutboxRelay {
+ public:
+  OutboxRelay(Connection& connection, store::Database& database, RelayOptions options = {});
+  ~OutboxRelay();
+  OutboxRelay(const OutboxRelay&) = delete;
+  OutboxRelay& operator=(const OutboxRelay&) = delete;
+
+  /// One cycle: claim, publish, mark. Returns the rows claimed (0: nothing claimable now).
+  /// Throws database and NATS errors; run() catches them.
+  std::size_t run_once();
+  /// Cycles until a claim comes back empty (or stop is requested). Returns rows handled.
+  std::size_t drain(std::stop_token stop = {});
+  /// Cycles until `stop`; waits poll_interval when idle, backs off after errors (logged, never
+  /// thrown), runs cleanup every cleanup_interval. Finishes the batch in flight before returning.
+  void run(std::stop_token stop);
+  /// Deletes sent rows older than cleanup_after, in bounded batches. Returns rows deleted.
+  std::size_t cleanup();
+
+  [[nodiscard]] RelayStats stats() const;
+  [[nodiscard]] const std::string& relay_id() const noexcept;
+  [[nodiscard]] OutboxStore& store() noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// The backoff delay after `attempts` failed attempts (1-based), from a schedule; the last
+/// entry repeats.
+[[nodiscard]] Millis backoff_delay(const std::vector<Millis>& schedule, int attempts) noexcept;
+
+}  // namespace natspubsub

@@ -1,0 +1,307 @@
+// The outbox relay against a real nats-server, SQLite files and a real PostgreSQL.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <map>
+#include <set>
+#include <thread>
+
+#include <doctest/doctest.h>
+#include <pqxx/pqxx>
+
+#include <natspubsub/connection.hpp>
+#include <natspubsub/envelope.hpp>
+#include <natspubsub/outbox.hpp>
+#include <natspubsub/outbox_relay.hpp>
+#include <natspubsub/store/migrations.hpp>
+#include <natspubsub/store/postgres.hpp>
+#include <natspubsub/store/sqlite.hpp>
+#include <natspubsub/topology.hpp>
+
+#include "support/databases.hpp"
+#include "support/nats_helpers.hpp"
+#include "support/servers.hpp"
+
+using namespace natspubsub;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr const char* kStream = "test-orders-events";
+
+// Enqueues n events (keys cycle over `keys` partition keys when keys > 0) in one transaction.
+std::vector<std::string> enqueue_sqlite(store::SqliteDatabase& db, int n, int keys = 0) {
+  std::vector<std::string> ids;
+  auto tx = db.begin();
+  for (int i = 0; i < n; ++i) {
+    auto e = Envelope::make("order.created", "orders", {{"i", i}});
+    std::optional<std::string> key;
+    if (keys > 0) key = "order-" + std::to_string(i % keys);
+    enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
+    ids.push_back(e.event_id);
+  }
+  tx.commit();
+  return ids;
+}
+
+std::vector<std::string> enqueue_postgres(store::PostgresDatabase& db, int n, int keys) {
+  std::vector<std::string> ids;
+  pqxx::work tx(db.connection());
+  for (int i = 0; i < n; ++i) {
+    auto e = Envelope::make("order.created", "orders", {{"i", i}});
+    enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, "order-" + std::to_string(i % keys)));
+    ids.push_back(e.event_id);
+  }
+  tx.commit();
+  return ids;
+}
+
+struct StreamCheck {
+  size_t stored = 0;
+  size_t distinct = 0;
+  size_t missing = 0;
+  size_t out_of_order = 0;  // per partition key: stream order differs from enqueue order
+};
+
+// Reads the stream and compares it with the enqueued ids (in enqueue order).
+StreamCheck check_stream(const std::string& url, const std::vector<std::string>& ids, int keys) {
+  testing::RawNats raw(url);
+  auto stored = raw.read_stream(kStream);
+  StreamCheck c;
+  c.stored = stored.size();
+  std::map<std::string, size_t> position;  // event id -> stream index
+  for (size_t i = 0; i < stored.size(); ++i) position.emplace(stored[i].msg_id, i);
+  c.distinct = position.size();
+  for (const auto& id : ids) c.missing += position.count(id) ? 0 : 1;
+  if (keys > 0) {
+    std::map<int, size_t> last;  // key -> last stream index seen
+    for (size_t i = 0; i < ids.size(); ++i) {
+      auto it = position.find(ids[i]);
+      if (it == position.end()) continue;
+      int key = static_cast<int>(i) % keys;
+      if (last.count(key) && it->second < last[key]) c.out_of_order++;
+      last[key] = it->second;
+    }
+  }
+  return c;
+}
+
+int64_t count_status(store::Database& db, const std::string& status) {
+  int64_t n = 0;
+  db.in_transaction([&](store::Transaction& tx) {
+    n = tx.query("SELECT COUNT(*) FROM natspubsub_outbox WHERE status = $1", {status})[0].as_int(0);
+  });
+  return n;
+}
+
+RelayOptions fast_options() {
+  RelayOptions o;
+  o.batch_size = 500;
+  o.poll_interval = 20ms;
+  o.lease = 5s;
+  o.ack_timeout = 2s;
+  o.backoff = {20ms, 40ms};
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("SQLite: the relay drains 10,000 rows, each event once, each row sent") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  store::SqliteDatabase db(testing::sqlite_file(dir));
+  store::migrate(db);
+  auto ids = enqueue_sqlite(db, 10000);
+
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+  OutboxRelay relay(nats, db, fast_options());
+  auto started = std::chrono::steady_clock::now();
+  auto handled = relay.drain();
+  auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  MESSAGE("relayed " << handled << " rows in " << seconds << " s (" << static_cast<int>(handled / seconds)
+                     << " rows/s, SQLite, batch 500)");
+  CHECK(handled == 10000);
+  auto c = check_stream(server.url(), ids, 0);
+  CHECK(c.stored == 10000);
+  CHECK(c.distinct == 10000);
+  CHECK(c.missing == 0);
+  CHECK(count_status(db, "sent") == 10000);
+  auto s = relay.stats();
+  CHECK(s.published == 10000);
+  CHECK(s.duplicates == 0);
+  CHECK(s.publish_latency.count == 10000);
+  CHECK(relay.drain() == 0);  // nothing left
+}
+
+TEST_CASE("SQLite: a row nobody can store is retried with backoff, then failed; others are not held up") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  store::SqliteDatabase db(testing::sqlite_file(dir));
+  store::migrate(db);
+  auto good = enqueue_sqlite(db, 3);
+  db.execute("INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES ($1, $2, $3)",
+             {new_uuid(), "test.nostream.thing", "{}"});  // no stream captures this subject
+
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+  auto o = fast_options();
+  o.max_attempts = 3;
+  OutboxRelay relay(nats, db, o);
+  for (int i = 0; i < 50 && count_status(db, "failed") == 0; ++i) {
+    relay.drain();
+    std::this_thread::sleep_for(30ms);
+  }
+  CHECK(count_status(db, "sent") == 3);
+  CHECK(count_status(db, "failed") == 1);
+  auto failed = relay.store().list_failed(10);
+  REQUIRE(failed.size() == 1);
+  CHECK(failed[0].attempts == 3);
+  REQUIRE(failed[0].last_error.has_value());
+  CHECK(failed[0].last_error->find("test.nostream.thing") != std::string::npos);
+  CHECK(relay.stats().retried == 2);
+  CHECK(relay.stats().failed == 1);
+}
+
+TEST_CASE("SQLite: retention delete and cleanup of old sent rows") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  store::SqliteDatabase db(testing::sqlite_file(dir));
+  store::migrate(db);
+  enqueue_sqlite(db, 20);
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+
+  auto o = fast_options();
+  o.cleanup_after = 0ms;
+  o.cleanup_batch = 7;
+  OutboxRelay keep(nats, db, o);
+  CHECK(keep.drain() == 20);
+  CHECK(count_status(db, "sent") == 20);
+  std::this_thread::sleep_for(5ms);
+  CHECK(keep.cleanup() == 20);  // 7 + 7 + 6 in bounded batches
+  CHECK(count_status(db, "sent") == 0);
+
+  enqueue_sqlite(db, 5);
+  o.delete_sent = true;
+  OutboxRelay deleting(nats, db, o);
+  CHECK(deleting.drain() == 5);
+  int64_t rows = db.query("SELECT COUNT(*) FROM natspubsub_outbox")[0].as_int(0);
+  CHECK(rows == 0);
+  testing::RawNats raw(server.url());
+  CHECK(raw.stream_messages(kStream) == 25);
+}
+
+TEST_CASE("PostgreSQL: two relays at once publish each event once and keep per-key order") {
+  testing::NatsServer server;
+  auto url = testing::fresh_postgres_database("relay");
+  store::PostgresDatabase setup(url);
+  store::migrate(setup);
+  constexpr int kEvents = 4000;
+  constexpr int kKeys = 1000;  // many keys, so that both relays find rows whose predecessors are sent
+  auto ids = enqueue_postgres(setup, kEvents, kKeys);
+
+  {
+    Connection admin(testing::test_config(server.url(), "orders"));
+    Topology(admin).ensure_events_stream();
+  }
+  std::atomic<size_t> handled{0};
+  testing::run_concurrently(2, [&](int i) {
+    store::PostgresDatabase db(url);
+    Connection nats(testing::test_config(server.url(), "orders"));
+    auto o = fast_options();
+    o.batch_size = 100;
+    o.relay_id = "relay-" + std::to_string(i);
+    OutboxRelay relay(nats, db, o);
+    // Keep going until the whole outbox is sent: the other relay may hold rows for a while.
+    for (int round = 0; round < 2000 && count_status(db, "sent") < kEvents; ++round) {
+      auto n = relay.drain();
+      handled += n;
+      if (n == 0) std::this_thread::sleep_for(10ms);
+    }
+    MESSAGE(o.relay_id << " published " << relay.stats().published);
+    CHECK(relay.stats().published > 0);  // both took part
+  });
+  auto c = check_stream(server.url(), ids, kKeys);
+  MESSAGE("stored " << c.stored << ", distinct " << c.distinct << ", missing " << c.missing << ", out of order "
+                    << c.out_of_order);
+  CHECK(c.stored == kEvents);
+  CHECK(c.distinct == kEvents);
+  CHECK(c.missing == 0);
+  CHECK(c.out_of_order == 0);
+  CHECK(count_status(setup, "sent") == kEvents);
+}
+
+TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothing lost, nothing duplicated") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "orders");
+  config.stream.memory_storage = false;
+  {
+    Connection admin(config);
+    Topology(admin).ensure_events_stream();
+  }
+  testing::TempDir dir;
+  auto path = testing::sqlite_file(dir);
+  std::vector<std::string> ids;
+  {
+    store::SqliteDatabase db(path);
+    store::migrate(db);
+    ids = enqueue_sqlite(db, 20000);
+  }
+  const std::string relay = NATSPUBSUB_BINARY_DIR "/workers/natspubsub-relay";
+  const std::vector<std::string> args = {relay,           "--database",    "sqlite://" + path, "--nats",
+                                         server.url(),    "--env",         "test",             "--app",
+                                         "orders",        "--batch-size",  "1000",             "--lease",
+                                         "1500",          "--ack-timeout", "1000",             "--poll-interval",
+                                         "20"};
+  auto spawn = [&](bool once) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      std::vector<char*> argv;
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      if (once) argv.push_back(const_cast<char*>("--once"));
+      argv.push_back(nullptr);
+      int devnull = open("/dev/null", O_WRONLY);
+      dup2(devnull, 2);
+      execv(relay.c_str(), argv.data());
+      _exit(127);
+    }
+    return pid;
+  };
+
+  testing::RawNats watcher(server.url());
+  int kills = 0;
+  for (int round = 0; round < 3; ++round) {
+    pid_t pid = spawn(false);
+    // Kill once it is part-way: some of this round's messages are stored, not all.
+    auto before = watcher.stream_messages(kStream);
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (std::chrono::steady_clock::now() < deadline && watcher.stream_messages(kStream) < before + 1500)
+      std::this_thread::sleep_for(1ms);
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    ++kills;
+  }
+  std::this_thread::sleep_for(1600ms);  // the dead relays' leases end
+  int status = 0;
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    pid_t pid = spawn(true);
+    waitpid(pid, &status, 0);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    store::SqliteDatabase db(path);
+    if (count_status(db, "sent") == 20000) break;
+    std::this_thread::sleep_for(1600ms);
+  }
+  store::SqliteDatabase db(path);
+  auto c = check_stream(server.url(), ids, 0);
+  MESSAGE("events 20000, kills " << kills << ", stored " << c.stored << ", lost " << c.missing << ", duplicated "
+                                 << c.stored - c.distinct);
+  CHECK(count_status(db, "sent") == 20000);
+  CHECK(c.missing == 0);
+  CHECK(c.stored == c.distinct);
+  CHECK(c.stored == 20000);
+}
