@@ -55,9 +55,9 @@ std::string prometheus(const RelayStats& s, const OutboxStats& o, const Connecti
   out << "# HELP natspubsub_relay_publish_latency_seconds Claim to acknowledgement time of published rows\n"
       << "# TYPE natspubsub_relay_publish_latency_seconds histogram\n";
   uint64_t cumulative = 0;
-  for (size_t i = 0; i < LatencyHistogram::kBounds.size(); ++i) {
+  for (size_t i = 0; i < PublishLatencyHistogram::kBounds.size(); ++i) {
     cumulative += s.publish_latency.counts[i];
-    out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"" << LatencyHistogram::kBounds[i] << "\"} "
+    out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"" << PublishLatencyHistogram::kBounds[i] << "\"} "
         << cumulative << "\n";
   }
   cumulative += s.publish_latency.counts.back();
