@@ -11,6 +11,7 @@
 #include <natspubsub/subject.hpp>
 
 #include "nats_util.hpp"
+#include "printable.hpp"
 
 namespace natspubsub {
 namespace {
@@ -46,7 +47,26 @@ PublishFailure make_failure(natsStatus s, jsErrCode code, const char* server_tex
 }
 
 // Builds a natsMsg carrying the body and headers; ownership stays with the returned pointer.
+// NATS headers are text lines: a CR or LF inside a value would end the line (cnats keeps what
+// comes before it and the rest is lost or read as another header), and a NUL ends the C string
+// cnats copies. Such a header cannot be carried literally, so it is refused, never altered.
+void check_header(const RawMessage& m, const std::string& name, const std::string& value) {
+  auto bad = [](char c) { return c == '\r' || c == '\n' || c == '\0'; };
+  const bool bad_name = name.empty() || std::any_of(name.begin(), name.end(), [&](char c) {
+                          return bad(c) || c == ':' || c == ' ' || c == '\t';
+                        });
+  if (bad_name || std::any_of(value.begin(), value.end(), bad)) {
+    throw PublishError("event " + detail::printable(m.msg_id) + " to " + detail::printable(m.subject) + ": header '" +
+                           detail::printable(name) +
+                           (bad_name ? "' is not a valid header name" : "' has a CR, LF or NUL byte in its value") +
+                           " (refused: it cannot be carried literally)",
+                       static_cast<int>(NATS_INVALID_ARG));
+  }
+}
+
 detail::MsgPtr make_msg(const RawMessage& m) {
+  for (const auto& [key, value] : m.headers) check_header(m, key, value);
+  check_header(m, "Nats-Msg-Id", m.msg_id);
   natsMsg* raw = nullptr;
   detail::check(natsMsg_Create(&raw, m.subject.c_str(), nullptr, m.payload.data(), static_cast<int>(m.payload.size())),
                 "creating message for " + m.subject);
