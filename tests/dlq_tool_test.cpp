@@ -17,10 +17,12 @@
 #include <natspubsub/topology.hpp>
 
 #include "support/nats_helpers.hpp"
+#include "support/eventually.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
 using namespace std::chrono_literals;
+using natspubsub::testing::eventually;
 
 namespace {
 
@@ -35,16 +37,6 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
     out.push_back(nlohmann::json::parse(line));  // throws (fails the test) on malformed output
   }
   return out;
-}
-
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 15s) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
 }
 
 }  // namespace

@@ -14,22 +14,14 @@
 
 #include "support/databases.hpp"
 #include "support/nats_helpers.hpp"
+#include "support/eventually.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
 using namespace std::chrono_literals;
+using natspubsub::testing::eventually;
 
 namespace {
-
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 15s) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
 
 int64_t business_rows(const std::string& url) {
   auto db = store::open_database(url);
