@@ -1,4 +1,4 @@
-// ctest-labels: integration;security
+// ctest-labels: security
 // Authentication against real servers configured for each method: user/password, token, nkey
 // and a creds file (user JWT + seed, operator mode). The right secret connects; a wrong one is an
 // AuthError whose message says what failed without containing the secret; and no secret reaches a

@@ -64,12 +64,14 @@ void kill_relay_repeatedly(const std::string& database_url, const std::vector<st
     testing::RelayProcess relay(args, logs.path() / "relay.log");
     // Half the kills come after a random time (which lands anywhere: start-up, claim, publish,
     // marking rows sent); the others once a random number of new messages is stored, i.e. surely
-    // inside a batch. Growth is capped so that ten rounds cannot drain all 20,000 rows.
+    // inside a batch. Either way a round ends by 1,200 new messages, so that ten rounds cannot
+    // drain all 20,000 rows however fast the relay is.
+    constexpr uint64_t kMaxGrowth = 1200;
+    auto grown = [&](uint64_t n) { return [&, n] { return watcher.stream_messages(kStream) >= before + n; }; };
     if (rng() % 2 == 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 700));
+      testing::eventually(grown(kMaxGrowth), std::chrono::milliseconds(rng() % 700));
     } else {
-      uint64_t growth = 1 + rng() % 1500;
-      testing::eventually([&] { return watcher.stream_messages(kStream) >= before + growth; }, 15s);
+      testing::eventually(grown(1 + rng() % kMaxGrowth), 15s);
     }
     REQUIRE(relay.alive());  // it was killed by us, not by a crash of its own
     relay.kill_now();

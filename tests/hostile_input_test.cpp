@@ -1,4 +1,4 @@
-// ctest-labels: integration;security
+// ctest-labels: security
 // Hostile input is stored and passed literally, or refused by a stated rule: quotes, SQL
 // fragments, NUL bytes, CR/LF and invalid UTF-8 in payloads, headers, event ids, partition keys
 // and subjects, through the publisher, the outbox (SQLite and PostgreSQL) and relay, the consumer

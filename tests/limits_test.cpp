@@ -1,4 +1,4 @@
-// ctest-labels: integration;security
+// ctest-labels: security
 // Limits against a nats-server with a small max_payload (8 KiB): a payload over it, a header
 // block over it, and a dead letter whose context would not fit are refused or truncated by rule,
 // with a clear error, and never cost the connection or crash the process.

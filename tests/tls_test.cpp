@@ -1,4 +1,4 @@
-// ctest-labels: integration;security
+// ctest-labels: security
 // TLS against a real nats-server, with certificates made at test time by the openssl command:
 // the right CA connects (and JetStream works over it), a wrong CA or a wrong hostname fails with a
 // clear ConnectionError, a plain client against a TLS-only server fails clearly, and a server that

@@ -25,6 +25,8 @@
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
 
+#include "support/eventually.hpp"
+
 namespace natspubsub::testing {
 
 /// One statement in its own transaction (the Database interface only offers in_transaction).
@@ -37,17 +39,6 @@ inline int64_t execute(store::Database& db, std::string_view sql, const store::P
   int64_t n = 0;
   db.in_transaction([&](store::Transaction& tx) { n = tx.execute(sql, params); });
   return n;
-}
-
-/// Polls `pred` every 20 ms until it holds or `limit` passes; returns its last value.
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return pred();
 }
 
 /// A random source whose seed is printed, and can be forced with NATSPUBSUB_FAULT_SEED, so that
