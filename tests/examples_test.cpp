@@ -16,3 +16,29 @@ TEST_CASE("publish_example stores one event") {
   testing::RawNats raw(server.url());
   CHECK(raw.stream_messages("development-orders-events") == 1);
 }
+
+TEST_CASE("outbox_sqlite_example: order and event together, second delivery is a duplicate") {
+  testing::TempDir dir;
+  auto db = (dir.path() / "orders.db").string();
+  auto r = testing::run_command(NATSPUBSUB_BINARY_DIR "/examples/outbox_sqlite_example " + db + " 2>&1",
+                                std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK(r.status == 0);
+  CHECK(r.output.find("delivery 1: processed") != std::string::npos);
+  CHECK(r.output.find("delivery 2: duplicate") != std::string::npos);
+  auto rows = testing::run_command("sqlite3 " + db + " 'SELECT COUNT(*) FROM orders; SELECT COUNT(*) FROM natspubsub_outbox; SELECT COUNT(*) FROM payments;'");
+  CHECK(rows.output == "1\n1\n1\n");
+}
+
+TEST_CASE("outbox_postgres_example: the same against PostgreSQL") {
+  testing::PostgresServer pg;
+  auto url = pg.create_database("orders");
+  auto r = testing::run_command(NATSPUBSUB_BINARY_DIR "/examples/outbox_postgres_example " + url + " 2>&1",
+                                std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK(r.status == 0);
+  CHECK(r.output.find("delivery 1: processed") != std::string::npos);
+  CHECK(r.output.find("delivery 2: duplicate") != std::string::npos);
+  CHECK(pg.psql("SELECT COUNT(*) FROM natspubsub_outbox", "orders") == "1");
+  CHECK(pg.psql("SELECT COUNT(*) FROM payments", "orders") == "1");
+}

@@ -1,0 +1,197 @@
+// natspubsub-relay as an operator runs it: a real process, real nats-server, SQLite via sqlite3.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include <natspubsub/connection.hpp>
+#include <natspubsub/envelope.hpp>
+#include <natspubsub/outbox.hpp>
+#include <natspubsub/store/migrations.hpp>
+#include <natspubsub/store/sqlite.hpp>
+
+#include "support/nats_helpers.hpp"
+#include "support/servers.hpp"
+
+using namespace natspubsub;
+using namespace std::chrono_literals;
+
+namespace {
+
+const std::string kRelay = NATSPUBSUB_BINARY_DIR "/workers/natspubsub-relay";
+
+std::string sh_quote(const std::string& s) { return "'" + s + "'"; }
+
+int count(const std::string& db, const std::string& where) {
+  auto r = testing::run_command("sqlite3 " + sh_quote(db) + " \"SELECT COUNT(*) FROM natspubsub_outbox WHERE " + where + "\"");
+  return std::stoi(r.output.empty() ? "-1" : r.output);
+}
+
+// Starts the relay with `args`; stderr goes to `log`.
+pid_t spawn(const std::vector<std::string>& args, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<char*> argv{const_cast<char*>(kRelay.c_str())};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, 2);
+    dup2(fd, 1);
+    execv(kRelay.c_str(), argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// Waits for the process to exit (bounded); returns its exit code, or -1 if it had to be killed.
+int wait_exit(pid_t pid, std::chrono::milliseconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  int status = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -2;
+    std::this_thread::sleep_for(10ms);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("--once on an empty database migrates and exits 0; rows inserted by hand are relayed") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  auto base = kRelay + " --database sqlite://" + db + " --nats " + server.url() + " --env test --app orders --once 2>&1";
+
+  auto first = testing::run_command(base);
+  INFO(first.output);
+  CHECK(first.status == 0);
+  CHECK(count(db, "1=1") == 0);  // the table exists (migrated) and is empty
+
+  // Another program (here the sqlite3 shell) inserts events with only the required columns.
+  auto insert = testing::run_command(
+      "sqlite3 " + sh_quote(db) +
+      " \"INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES "
+      "('11111111-1111-4111-8111-111111111111', 'test.orders.order.created', '{\\\"a\\\":1}'), "
+      "('22222222-2222-4222-8222-222222222222', 'test.orders.order.shipped', '{\\\"a\\\":2}');"
+      " INSERT INTO natspubsub_outbox (event_id, subject, payload, headers, partition_key) VALUES "
+      "('33333333-3333-4333-8333-333333333333', 'test.orders.order.created', '{}', '{\\\"x-source\\\":\\\"sql\\\"}', 'k1');\"");
+  REQUIRE(insert.status == 0);
+  auto second = testing::run_command(base);
+  INFO(second.output);
+  CHECK(second.status == 0);
+  CHECK(count(db, "status = 'sent'") == 3);
+
+  testing::RawNats raw(server.url());
+  auto stored = raw.read_stream("test-orders-events");
+  REQUIRE(stored.size() == 3);
+  CHECK(stored[0].msg_id == "11111111-1111-4111-8111-111111111111");
+  CHECK(stored[1].subject == "test.orders.order.shipped");
+  bool header_kept = false;
+  for (const auto& [k, v] : stored[2].headers) header_kept = header_kept || (k == "x-source" && v == "sql");
+  CHECK(header_kept);
+}
+
+TEST_CASE("bad database URL, unreachable NATS, bad flags: one clear line and a documented exit code") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = "sqlite://" + (dir.path() / "o.db").string();
+
+  auto bad_db = testing::run_command(kRelay + " --database mysql://x --nats " + server.url() + " --app orders --once 2>&1");
+  CHECK(bad_db.status == 4);
+  CHECK(bad_db.output.find("database") != std::string::npos);
+
+  auto pg = testing::run_command(kRelay + " --database postgresql://relay:hunter2pw@127.0.0.1:1/x --nats " +
+                                 server.url() + " --app orders --once 2>&1");
+  CHECK(pg.status == 4);
+  CHECK(pg.output.find("hunter2pw") == std::string::npos);
+
+  auto port = testing::free_port();
+  auto no_nats = testing::run_command(kRelay + " --database " + db + " --nats nats://127.0.0.1:" + std::to_string(port) +
+                                      " --app orders --once 2>&1");
+  CHECK(no_nats.status == 5);
+  CHECK(no_nats.output.find("cannot connect to NATS") != std::string::npos);
+  // One line: a newcomer sees the reason, not a stack of messages.
+  CHECK(std::count(no_nats.output.begin(), no_nats.output.end(), '\n') <= 3);
+
+  auto no_app = testing::run_command(kRelay + " --database " + db + " --nats " + server.url() + " --once 2>&1");
+  CHECK(no_app.status == 3);
+  CHECK(no_app.output.find("app") != std::string::npos);
+
+  auto bad_flag = testing::run_command(kRelay + " --database " + db + " --batch-size 0 --app orders 2>&1");
+  CHECK(bad_flag.status == 2);
+
+  auto version = testing::run_command(kRelay + " --version");
+  CHECK(version.status == 0);
+  CHECK(version.output.find("natspubsub-relay 0.") != std::string::npos);
+  auto help = testing::run_command(kRelay + " --help");
+  CHECK(help.status == 0);
+  CHECK(help.output.find("--metrics-addr") != std::string::npos);
+}
+
+TEST_CASE("SIGTERM mid-drain: exits 0, nothing left claimed, nothing lost; /metrics and /healthz answer") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto path = (dir.path() / "outbox.db").string();
+  constexpr int kEvents = 30000;
+  {
+    store::SqliteDatabase db(path);
+    store::migrate(db);
+    auto tx = db.begin();
+    for (int i = 0; i < kEvents; ++i) {
+      auto e = Envelope::make("order.created", "orders", {{"i", i}});
+      enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e));
+    }
+    tx.commit();
+  }
+  auto metrics_port = testing::free_port();
+  auto log = (dir.path() / "relay.log").string();
+  pid_t pid = spawn({"--database", "sqlite://" + path, "--nats", server.url(), "--env", "test", "--app", "orders",
+                     "--batch-size", "200", "--metrics-addr", "127.0.0.1:" + std::to_string(metrics_port)},
+                    log);
+  testing::RawNats raw(server.url());
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  uint64_t seen = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    try {
+      seen = raw.stream_messages("test-orders-events");
+    } catch (...) {
+    }
+    if (seen >= 2000) break;
+    std::this_thread::sleep_for(2ms);
+  }
+  REQUIRE(seen >= 2000);
+
+  auto metrics = testing::run_command("curl -s http://127.0.0.1:" + std::to_string(metrics_port) + "/metrics");
+  CHECK(metrics.status == 0);
+  CHECK(metrics.output.find("natspubsub_outbox_pending") != std::string::npos);
+  CHECK(metrics.output.find("natspubsub_outbox_oldest_pending_age_seconds") != std::string::npos);
+  CHECK(metrics.output.find("natspubsub_relay_publish_latency_seconds_bucket") != std::string::npos);
+  auto health = testing::run_command("curl -s -w '\\n%{http_code}' http://127.0.0.1:" + std::to_string(metrics_port) + "/healthz");
+  CHECK(health.output.find("\"status\":\"ok\"") != std::string::npos);
+  CHECK(health.output.find("200") != std::string::npos);
+
+  kill(pid, SIGTERM);
+  int rc = wait_exit(pid, 15s);
+  auto relay_log = testing::run_command("tail -n 5 " + log).output;
+  INFO(relay_log);
+  CHECK(rc == 0);
+  int sent_at_stop = count(path, "status = 'sent'");
+  MESSAGE("stopped after " << sent_at_stop << " of " << kEvents << " rows");
+  CHECK(sent_at_stop < kEvents);                       // it really was mid-drain
+  CHECK(count(path, "status = 'publishing'") == 0);    // the batch in flight was finished and committed
+  CHECK(raw.stream_messages("test-orders-events") == static_cast<uint64_t>(sent_at_stop));
+
+  auto rest = testing::run_command(kRelay + " --database sqlite://" + path + " --nats " + server.url() +
+                                   " --env test --app orders --once 2>&1");
+  CHECK(rest.status == 0);
+  CHECK(count(path, "status = 'sent'") == kEvents);
+  CHECK(raw.stream_messages("test-orders-events") == kEvents);
+}
