@@ -9,6 +9,7 @@
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
+#include <natspubsub/middleware.hpp>
 #include <natspubsub/subject.hpp>
 
 #include "nats_util.hpp"
@@ -170,10 +171,15 @@ Reply request(Connection& connection, std::string_view topic, const nlohmann::js
   const std::string body = e.encode();
 
   Headers headers = options.headers;
-  std::string correlation = options.correlation_id.value_or(current_correlation_id().value_or(e.event_id));
+  // Correlation: explicit, else the request or message being handled on this thread, else the
+  // current trace (middleware::trace_context), else this request starts a conversation.
+  const auto trace = current_trace();
+  std::string correlation = options.correlation_id.value_or(
+      current_correlation_id().value_or(trace ? trace->trace_id : e.event_id));
   headers[kCorrelationIdHeader] = correlation;
   headers["topic"] = std::string(topic);
   if (options.traceparent) headers["traceparent"] = *options.traceparent;
+  else if (trace) headers["traceparent"] = trace->traceparent();
 
   const int attempts = 1 + options.retries;
   for (int attempt = 1;; ++attempt) {
@@ -337,6 +343,10 @@ struct ResponderState {
     std::string reply;
     {
       CorrelationScope scope(request.correlation_id);
+      // The caller's trace continues in the handler (a child span), and in what it sends.
+      std::optional<TraceScope> trace;
+      if (auto parent = TraceContext::parse(request.header("traceparent")))
+        trace.emplace(TraceContext::child_of(*parent));
       try {
         nlohmann::json data = handler(request);
         reply = reply_body(true, data, id);

@@ -51,8 +51,9 @@ class Connection;
 inline constexpr const char* kCorrelationIdHeader = "correlation-id";
 
 /// Makes `id` the correlation id of requests made on this thread until destroyed (then restores
-/// the previous one). A Responder sets it around its handler, so a request made while answering
-/// one carries the same id.
+/// the previous one). A Responder sets it around its handler, and the Consumer around each
+/// handler call (the message's `correlation-id` header, else its event id), so a request made
+/// while handling one carries the same id.
 ///
 ///   natspubsub::CorrelationScope scope(order.correlation_id);
 ///   natspubsub::request(nats, "stock.check", ...);   // sends correlation-id: <order's>
@@ -82,10 +83,12 @@ struct RequestOptions {
   std::optional<std::string> app{};       ///< the answering app: subject {env}.{app}.{topic}; default this app
   std::optional<std::string> subject{};   ///< a full subject instead
   std::optional<std::string> message_id{};      ///< default: a new UUID
-  /// Default: the current correlation id of this thread (CorrelationScope), else the message id.
+  /// Default: the correlation id of the request or consumer message being handled on this thread
+  /// (CorrelationScope), else the trace id of the current trace (current_trace()), else the
+  /// message id.
   std::optional<std::string> correlation_id{};
   std::optional<std::string> message_type{};
-  std::optional<std::string> traceparent{};     ///< W3C trace context header
+  std::optional<std::string> traceparent{};     ///< W3C trace context; default the current trace's, if any
   Headers headers{};                            ///< extra headers
 };
 
