@@ -1,3 +1,4 @@
+// ctest-labels: integration
 #include <atomic>
 #include <mutex>
 #include <set>
@@ -9,9 +10,13 @@
 #include <nats/nats.h>
 
 #include <natspubsub/connection.hpp>
+#include <natspubsub/consumer.hpp>
 #include <natspubsub/envelope.hpp>
 #include <natspubsub/error.hpp>
+#include <natspubsub/middleware.hpp>
+#include <natspubsub/publisher.hpp>
 #include <natspubsub/request.hpp>
+#include <natspubsub/topology.hpp>
 
 #include "support/nats_helpers.hpp"
 #include "support/servers.hpp"
@@ -131,6 +136,63 @@ TEST_CASE("without a current correlation id the message id is the correlation id
 
   auto d = request(c, "ignored.topic", {{"x", 1}}, {.subject = "test.inventory.echo"});
   CHECK(d.subject == "test.inventory.echo");
+}
+
+TEST_CASE("correlation id propagated from the consumer message being handled, and from the current trace") {
+  testing::NatsServer server;
+  Connection inventory(testing::test_config(server.url(), "inventory"));
+  Connection orders(testing::test_config(server.url(), "orders"));
+  std::mutex m;
+  std::vector<Request> seen;
+  Responder stock(inventory, "stock.reserve", [&](const Request& r) -> nlohmann::json {
+    std::lock_guard lock(m);
+    seen.push_back(r);
+    return {{"reserved", true}, {"trace", current_trace() ? current_trace()->trace_id : ""}};
+  });
+
+  // An order event handled by the consumer asks inventory: the request carries the event's
+  // correlation-id header, or the event id when it has none.
+  Topology(orders).ensure_events_stream();
+  Publisher publisher(orders);
+  PublishOptions with_header;
+  with_header.headers["correlation-id"] = "checkout-77";
+  const auto tagged = publisher.publish("order.created", {{"n", 1}}, with_header);
+  const auto plain = publisher.publish("order.created", {{"n", 2}});
+  std::atomic<int> replies{0};
+  Consumer consumer(orders);
+  consumer.subscribe("order.created", [&](const Message&) {
+    auto reply = request(orders, "stock.reserve", {{"sku", "A"}}, {.timeout = Millis{2000}, .app = "inventory"});
+    if (reply.data["reserved"] == true) replies++;
+  });
+  consumer.start();
+  for (int i = 0; i < 400 && replies < 2; ++i) std::this_thread::sleep_for(10ms);
+  consumer.stop(Millis{5000});
+  REQUIRE(replies == 2);
+  {
+    std::lock_guard lock(m);
+    std::set<std::string> correlations;
+    for (const auto& r : seen) correlations.insert(r.correlation_id);
+    CHECK(correlations == std::set<std::string>{"checkout-77", plain.event_id});
+    CHECK(tagged.event_id != "checkout-77");
+    seen.clear();
+  }
+
+  // Outside any handler, the current trace (middleware::trace_context, or a TraceScope) gives the
+  // correlation id, and the responder continues the same trace.
+  const auto trace = TraceContext::new_root();
+  Reply reply;
+  {
+    TraceScope scope(trace);
+    reply = request(orders, "stock.reserve", {{"sku", "B"}}, {.app = "inventory"});
+  }
+  CHECK(reply.correlation_id == trace.trace_id);
+  CHECK(reply.data["trace"] == trace.trace_id);
+  std::lock_guard lock(m);
+  REQUIRE(seen.size() == 1);
+  auto parent = TraceContext::parse(seen[0].header("traceparent"));
+  REQUIRE(parent.has_value());
+  CHECK(parent->trace_id == trace.trace_id);
+  CHECK(parent->span_id == trace.span_id);
 }
 
 TEST_CASE("a throwing handler: the caller gets RemoteError with the remote message; the wire shows the standard error reply") {
