@@ -8,6 +8,7 @@
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
+#include <natspubsub/middleware.hpp>
 #include <natspubsub/subject.hpp>
 
 #include "nats_util.hpp"
@@ -137,12 +138,17 @@ RawMessage Publisher::prepare(const std::string& topic, const nlohmann::json& me
   Envelope e = Envelope::make(topic, config.app, message);
   if (options.event_id) e.event_id = *options.event_id;
   e.message_type = options.message_type;
-  e.trace_id = options.trace_id;
+  // Inside a handler running under middleware::trace_context(), events carry its trace on.
+  const auto trace = current_trace();
+  e.trace_id = options.trace_id ? options.trace_id : trace ? std::optional<std::string>(trace->trace_id) : std::nullopt;
   raw.payload = e.encode();
   raw.msg_id = e.event_id;
   raw.headers = options.headers;
   raw.headers["topic"] = topic;
-  if (options.traceparent) raw.headers["traceparent"] = *options.traceparent;
+  if (options.traceparent)
+    raw.headers["traceparent"] = *options.traceparent;
+  else if (trace)
+    raw.headers["traceparent"] = TraceContext::child_of(*trace).traceparent();
   if (options.expected_last_sequence)
     raw.headers["Nats-Expected-Last-Sequence"] = std::to_string(*options.expected_last_sequence);
   if (options.expected_stream) raw.headers["Nats-Expected-Stream"] = *options.expected_stream;
