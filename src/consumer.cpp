@@ -795,7 +795,7 @@ struct Consumer::Impl {
     if (s->breaker || s->limiter)
       logger()->info("subscription {}: circuit breaker {}, rate limit {}", s->filter,
                      s->breaker ? s->breaker->options().name : "none",
-                     s->limiter ? std::to_string(s->limiter->options().rate) + "/s" : "none");
+                     s->limiter ? fmt::format("{}/s", s->limiter->options().rate) : std::string("none"));
     return s;
   }
 

@@ -137,7 +137,9 @@ struct SubscriptionOptions {
   /// it is not closed, is not counted as an attempt: the message waits instead of going to the
   /// DLQ (such deferrals count in stats().deferred). Failures the error policy sends to the DLQ
   /// or discards are the message's fault and never open it. With a breaker the default
-  /// max_deliver leaves room for kDeferralAllowance deferrals. May be shared.
+  /// max_deliver leaves room for kDeferralAllowance deferrals. Message::attempt() stays the
+  /// server's delivery count (deferrals included); Message::last_attempt() leaves them out.
+  /// Deferrals are remembered in memory: after a restart they count as attempts. May be shared.
   std::shared_ptr<CircuitBreaker> circuit_breaker{};
   /// At most `rate` messages per second are fetched (token bucket); handlers never sleep for it.
   std::optional<RateLimiterOptions> rate_limit{};
