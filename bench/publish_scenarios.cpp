@@ -1,0 +1,120 @@
+// Publishing without the outbox: Publisher::publish (waits for each PubAck) and
+// Publisher::publish_batch (async window), against js_PublishMsg / js_PublishMsgAsync.
+#include <natspubsub/connection.hpp>
+#include <natspubsub/publisher.hpp>
+#include <natspubsub/topology.hpp>
+
+#include "bench.hpp"
+#include "raw_nats.hpp"
+#include "setup.hpp"
+
+namespace natspubsub::bench {
+namespace {
+
+// Ids unique across the whole run: the stream's duplicate window would otherwise drop repeats.
+std::string raw_id(const char* side, int run, int i) {
+  return std::string(side) + "-" + std::to_string(run) + "-" + std::to_string(i);
+}
+
+std::vector<Result> run_publish(Context& ctx) {
+  const auto& s = ctx.settings();
+  auto load = load_average();
+  Connection nats(bench_config(ctx.nats_url()));
+  auto stream = ensure_bench_stream(nats);
+  Publisher publisher(nats);
+  RawNats raw(ctx.nats_url());
+  raw.purge_stream(stream);
+
+  const auto message = make_message(128);
+  const auto body = message.dump();  // the baseline's body: the same 128 bytes of JSON
+  const auto raw_subject = bench_subject("raw_sync");
+  int run = 0;
+
+  // --- publish, waiting for each PubAck
+  auto lib_sync = [&](int n) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) (void)publisher.publish("sync", message);
+    return n / elapsed_seconds(t0);
+  };
+  auto raw_sync = [&](int n) {
+    const int r = ++run;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) raw.publish_sync(raw_subject.c_str(), body, raw_id("s", r, i).c_str());
+    return n / elapsed_seconds(t0);
+  };
+  const int n_sync = s.publish_sync_count;
+  auto [lib_runs, raw_runs] = interleave(
+      s.repetitions, [&] { return lib_sync(n_sync); }, [&] { return raw_sync(n_sync); },
+      [&] {
+        lib_sync(std::max(20, n_sync / 10));
+        raw_sync(std::max(20, n_sync / 10));
+      });
+  Result sync;
+  sync.scenario = "publish_sync";
+  sync.unit = "msgs/s";
+  sync.description = "Publisher::publish (envelope, Nats-Msg-Id + topic headers, wait PubAck) vs js_PublishMsg "
+                     "(128-byte JSON body, Nats-Msg-Id)";
+  sync.library_runs = lib_runs;
+  sync.baseline_runs = raw_runs;
+  sync.target = {Target::Kind::ratio_at_least, 0.9};
+  sync.load_avg = load;
+  sync.extra = {{"count", n_sync},
+                {"library_body_bytes", publisher.prepare("sync", message).payload.size()},
+                {"baseline_body_bytes", body.size()}};
+
+  // --- batch publish with an async window
+  load = load_average();
+  raw.purge_stream(stream);
+  RawNats raw_async(ctx.nats_url(), s.publish_window);
+  const auto raw_async_subject = bench_subject("raw_batch");
+  BatchOptions bo;
+  bo.window = s.publish_window;
+  auto lib_batch = [&](int n) {
+    // The events are the caller's data, built before the clock starts like the baseline's body.
+    std::vector<OutgoingEvent> events(static_cast<std::size_t>(n), OutgoingEvent{"batch", message, {}});
+    auto t0 = std::chrono::steady_clock::now();
+    auto results = publisher.publish_batch(events, bo);
+    const double rate = n / elapsed_seconds(t0);
+    for (const auto& r : results)
+      if (!r) throw std::runtime_error("library batch publish failed: " + r.error->message);
+    return rate;
+  };
+  auto raw_batch = [&](int n) {
+    const int r = ++run;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) raw_async.publish_async(raw_async_subject.c_str(), body, raw_id("b", r, i).c_str());
+    raw_async.complete_async();
+    return n / elapsed_seconds(t0);
+  };
+  const int n_batch = s.publish_batch_count;
+  auto [lib_b, raw_b] = interleave(
+      s.repetitions, [&] { return lib_batch(n_batch); }, [&] { return raw_batch(n_batch); },
+      [&] {
+        lib_batch(std::max(100, n_batch / 10));
+        raw_batch(std::max(100, n_batch / 10));
+      });
+  Result batch;
+  batch.scenario = "publish_batch";
+  batch.unit = "msgs/s";
+  batch.description = "Publisher::publish_batch (window " + std::to_string(s.publish_window) +
+                      ", per-message results) vs js_PublishMsgAsync (MaxPending " +
+                      std::to_string(s.publish_window) + ", ack handler)";
+  batch.library_runs = lib_b;
+  batch.baseline_runs = raw_b;
+  batch.target = {Target::Kind::ratio_at_least, 0.9};
+  batch.load_avg = load;
+  batch.extra = {{"count", n_batch},
+                 {"window", s.publish_window},
+                 {"library_body_bytes", publisher.prepare("batch", message).payload.size()},
+                 {"baseline_body_bytes", body.size()}};
+  raw.purge_stream(stream);
+  return {sync, batch};
+}
+
+}  // namespace
+
+std::vector<ScenarioGroup> publish_scenarios() {
+  return {{"publish", {"publish_sync", "publish_batch"}, run_publish}};
+}
+
+}  // namespace natspubsub::bench
