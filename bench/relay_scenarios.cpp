@@ -34,21 +34,23 @@ std::vector<Event> make_events(int n) {
   return events;
 }
 
-// Pending rows as an application writes them: enqueue() inside its transaction. One transaction
-// for the whole backlog keeps the set-up short; the relay does not care how the rows came.
+// Pending rows. SQLite: enqueue(), as an application writes them, in one transaction for the
+// whole backlog. PostgreSQL: COPY, because 100,000 enqueue round trips take longer than the drain
+// itself; a row with event_id, subject, payload and headers is a valid pending event either way.
 void fill_outbox(store::Database& db, const std::vector<Event>& events, const std::string& subject) {
-  auto message_for = [&](const Event& e) {
-    return OutboxMessage{e.event_id, subject, e.payload, nlohmann::json{{"topic", "relay"}}, std::nullopt};
-  };
+  const std::string headers = R"({"topic":"relay"})";
   if (auto* sqlite = dynamic_cast<store::SqliteDatabase*>(&db)) {
     auto tx = sqlite->begin();
-    for (const auto& e : events) enqueue(tx, message_for(e));
+    for (const auto& e : events)
+      enqueue(tx, OutboxMessage{e.event_id, subject, e.payload, nlohmann::json::parse(headers), std::nullopt});
     tx.commit();
     return;
   }
   auto& pg = dynamic_cast<store::PostgresDatabase&>(db);
   pqxx::work tx(pg.connection());
-  for (const auto& e : events) enqueue(tx, message_for(e));
+  pqxx::stream_to copy(tx, "natspubsub_outbox", std::vector<std::string>{"event_id", "subject", "payload", "headers"});
+  for (const auto& e : events) copy << std::make_tuple(e.event_id, subject, e.payload, headers);
+  copy.complete();
   tx.commit();
 }
 
