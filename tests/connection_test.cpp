@@ -8,24 +8,12 @@
 #include <natspubsub/error.hpp>
 
 #include "support/nats_helpers.hpp"
+#include "support/eventually.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
 using namespace std::chrono_literals;
-
-namespace {
-
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 10s) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
-
-}  // namespace
+using natspubsub::testing::eventually;
 
 TEST_CASE("connects, reports health, and closes") {
   testing::NatsServer server;

@@ -115,4 +115,13 @@ class PublishError : public NatsError {
   using NatsError::NatsError;
 };
 
+/// Thrown by a handler when retrying cannot help (invalid order, unknown customer): the consumer
+/// runtime sends the message to the DLQ at once instead of retrying it.
+///
+///   if (!order.contains("amount")) throw natspubsub::PermanentError("order without amount");
+class PermanentError : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace natspubsub

@@ -1,0 +1,905 @@
+#include <natspubsub/consumer.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <stop_token>
+#include <thread>
+
+#include <natspubsub/connection.hpp>
+#include <natspubsub/dlq.hpp>
+#include <natspubsub/error.hpp>
+#include <natspubsub/log.hpp>
+#include <natspubsub/subject.hpp>
+#include <natspubsub/topology.hpp>
+
+#include "nats_util.hpp"
+
+namespace natspubsub {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr Millis kDefaultMaxInProgress{600000};
+// Every wait in the runtime is bounded by this, so a missed notification costs at most this much.
+constexpr Millis kIdleWait{100};
+// After a failed fetch (connection down, consumer deleted) before trying again.
+constexpr Millis kFetchErrorPause{500};
+constexpr Millis kAdvisoryPoll{200};
+constexpr int kAdvisoryPublishTries = 5;
+constexpr Millis kFlushTimeout{2000};
+
+int64_t to_nanos(Millis m) { return m.count() * 1000000; }
+
+// One fetched message from fetch to verdict. The natsMsg is used from a worker (ack, NAK,
+// TERM) and from the ticker (+WPI); cnats does not lock a message, so `mutex` does.
+struct Delivery {
+  detail::MsgPtr msg;  // released once settled: nothing may be sent for it after a verdict
+  std::mutex mutex;
+  bool settled = false;
+  bool abandoned = false;  // stop deadline passed: handed back; the handler's result is ignored
+  Clock::time_point fetched_at;
+  Clock::time_point last_progress;  // written by the ticker only
+};
+using DeliveryPtr = std::shared_ptr<Delivery>;
+
+struct Counters {
+  std::atomic<uint64_t> received{0}, acked{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0},
+      max_deliveries{0}, handler_errors{0}, nacked_on_stop{0}, ack_failures{0}, dlq_failures{0};
+};
+
+Headers read_headers(natsMsg* msg) {
+  Headers out;
+  const char** keys = nullptr;
+  int count = 0;
+  if (natsMsgHeader_Keys(msg, &keys, &count) != NATS_OK) return out;
+  for (int i = 0; i < count; ++i) {
+    const char** values = nullptr;
+    int n = 0;
+    if (natsMsgHeader_Values(msg, keys[i], &values, &n) != NATS_OK) continue;
+    std::string joined;
+    for (int k = 0; k < n; ++k) joined += (k ? ", " : "") + std::string(values[k] != nullptr ? values[k] : "");
+    out[keys[i]] = std::move(joined);
+    std::free(static_cast<void*>(values));  // the array is ours, the strings stay the message's
+  }
+  std::free(static_cast<void*>(keys));
+  return out;
+}
+
+std::string body_of(natsMsg* msg) {
+  const char* data = natsMsg_GetData(msg);
+  const int len = natsMsg_GetDataLength(msg);
+  return data != nullptr && len > 0 ? std::string(data, static_cast<size_t>(len)) : std::string();
+}
+
+std::string event_id_of(const std::string& body, const Headers& headers) {
+  try {
+    return Envelope::decode(body).event_id;
+  } catch (...) {
+    // Not an envelope: the publisher's dedup id is the best name we have.
+    auto it = headers.find("Nats-Msg-Id");
+    return it == headers.end() ? std::string() : it->second;
+  }
+}
+
+}  // namespace
+
+const char* to_string(Verdict verdict) noexcept {
+  switch (verdict) {
+    case Verdict::retry: return "retry";
+    case Verdict::dead_letter: return "dead_letter";
+    case Verdict::discard: return "discard";
+  }
+  return "unknown";
+}
+
+ErrorPolicy& ErrorPolicy::add_rule(Rule rule) {
+  if (!rule) throw ConfigError("error_policy", "a rule must be callable");
+  rules_.push_back(std::move(rule));
+  return *this;
+}
+
+Verdict ErrorPolicy::decide(const HandlerFailure& failure, const Message& message) const {
+  for (size_t i = 0; i < rules_.size(); ++i) {
+    try {
+      if (auto verdict = rules_[i](failure, message)) return *verdict;
+    } catch (...) {
+      logger()->warn("error policy rule {} threw ({}); skipped", i, current_exception_class());
+    }
+  }
+  if (failure.exception) {
+    try {
+      std::rethrow_exception(failure.exception);
+    } catch (const PermanentError&) {
+      return Verdict::dead_letter;
+    } catch (...) {
+    }
+  }
+  return Verdict::retry;
+}
+
+namespace {
+
+struct Registration {
+  std::string filter;
+  bool own_topic = false;
+  std::string durable;
+  Handler handler;
+  SubscriptionOptions options;
+};
+
+// One durable pull consumer with its fetcher, workers and advisory listener.
+struct Subscription {
+  // Settings, fixed before the threads start.
+  std::string filter;
+  std::string durable;
+  std::string stream;
+  int concurrency = 1;
+  int prefetch = 0;
+  uint64_t max_attempts = 1;
+  std::optional<Backoff> backoff;
+  Millis ack_wait{0};
+  Millis in_progress_interval{0};
+  Millis max_in_progress{0};
+  Millis fetch_timeout{0};
+  int64_t max_deliver = 0;
+  int max_ack_pending = 0;
+  ErrorPolicy policy;
+  Next chain;
+
+  detail::SubscriptionPtr pull;
+  detail::SubscriptionPtr advisory;
+
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<DeliveryPtr> queue;     // fetched, not started
+  std::set<DeliveryPtr> outstanding;  // fetched, not finished (queued or running)
+  int running = 0;
+  bool accepting = true;             // false once stop() began: workers start nothing new
+
+  Counters counters;
+  LatencyHistogram latency;
+
+  // Last members: destroyed (stopped and joined) first, while the state above still exists.
+  std::jthread fetcher;
+  std::jthread advisor;
+  std::vector<std::jthread> workers;
+
+  [[nodiscard]] int capacity() const { return concurrency + prefetch; }
+};
+
+}  // namespace
+
+struct Consumer::Impl {
+  Connection* connection = nullptr;
+  Config config;
+  ConsumerOptions options;
+  std::vector<Middleware> middleware;
+  std::vector<Registration> registrations;
+  std::unique_ptr<DlqPublisher> dlq;
+  std::stop_source handler_stop;  // Message::stop_token: the stop deadline passed
+
+  std::mutex lifecycle;
+  std::atomic<bool> running{false};
+  bool started = false;
+  bool workers_stuck = false;  // some handler outlived the stop deadline: joined in the destructor
+
+  std::vector<std::unique_ptr<Subscription>> subs;
+  std::jthread ticker;  // +WPI for every outstanding message
+
+  ~Impl() {
+    // Workers inside a handler that outlived stop() are waited for here: a thread is never left
+    // running with nobody to join it.
+    ticker = std::jthread();
+    for (auto& s : subs) {
+      s->fetcher = std::jthread();
+      s->advisor = std::jthread();
+      for (auto& w : s->workers) w.request_stop();
+      s->cv.notify_all();
+      s->workers.clear();
+    }
+    subs.clear();
+  }
+
+  // ---- settling a message ------------------------------------------------------------------
+
+  // Sends one verdict for `d` unless one was sent already; false when nothing was sent.
+  template <typename Send>
+  bool settle(Delivery& d, Send&& send) {
+    std::lock_guard lock(d.mutex);
+    if (d.settled || !d.msg) return false;
+    send(d.msg.get());
+    d.settled = true;
+    d.msg.reset();
+    return true;
+  }
+
+  void ack(Subscription& s, Delivery& d, const Message& m) {
+    natsStatus status = NATS_OK;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const bool sent = settle(d, [&](natsMsg* msg) {
+      jsOptions o;
+      jsOptions_Init(&o);
+      o.Wait = config.connection.jetstream_timeout.count();
+      // Synchronous: "acked" in the stats means the server has it, not that we sent it.
+      status = natsMsg_AckSync(msg, &o, &jerr);
+    });
+    if (!sent) return;
+    if (status == NATS_OK) {
+      s.counters.acked++;
+    } else {
+      s.counters.ack_failures++;
+      logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", s.durable,
+                     m.envelope.event_id, m.metadata.stream_sequence, detail::last_error_text(status));
+    }
+  }
+
+  bool nak(Delivery& d, Millis delay) {
+    natsStatus status = NATS_OK;
+    const bool sent = settle(d, [&](natsMsg* msg) {
+      status = delay.count() > 0 ? natsMsg_NakWithDelay(msg, delay.count(), nullptr) : natsMsg_Nak(msg, nullptr);
+    });
+    if (sent && status != NATS_OK)
+      logger()->warn("NAK not sent ({}); the message returns after ack_wait", detail::last_error_text(status));
+    return sent;
+  }
+
+  void term(Delivery& d) {
+    natsStatus status = NATS_OK;
+    const bool sent = settle(d, [&](natsMsg* msg) { status = natsMsg_Term(msg, nullptr); });
+    if (sent && status != NATS_OK)
+      logger()->warn("TERM not sent ({}); the message may come once more (its dead letter is deduplicated)",
+                     detail::last_error_text(status));
+  }
+
+  // DLQ publish, PubAck, then TERM. If the DLQ does not take it, NAK with the backoff delay:
+  // the message stays with the consumer and is tried again, never dropped.
+  void dead_letter(Subscription& s, Delivery& d, const Message& m, DlqReason reason, const std::string& error_class,
+                   const std::string& error_message) {
+    DeadLetter letter;
+    letter.original_subject = m.subject;
+    letter.body = m.body;
+    letter.headers = m.headers;
+    auto& c = letter.context;
+    c.event_id = !m.envelope.event_id.empty() ? m.envelope.event_id : m.header("Nats-Msg-Id");
+    c.reason = reason;
+    c.error_class = error_class;
+    c.error_message = error_message;
+    c.deliveries = m.metadata.deliveries;
+    c.original_subject = m.subject;
+    c.stream = m.metadata.stream;
+    c.sequence = m.metadata.stream_sequence;
+    c.consumer = s.durable;
+    try {
+      auto stored = dlq->publish(letter);
+      term(d);
+      s.counters.dead_lettered++;
+      logger()->error("{}: event {} (seq {}, delivery {}) dead-lettered as {} to {}{}: {}{}{}", s.durable, c.event_id,
+                      c.sequence, c.deliveries, to_string(reason), stored.subject,
+                      stored.duplicate ? " (already there)" : "", error_class, error_class.empty() ? "" : ": ",
+                      error_message);
+    } catch (const std::exception& e) {
+      s.counters.dlq_failures++;
+      const auto delay = s.backoff->delay(std::max<uint64_t>(1, m.metadata.deliveries));
+      nak(d, delay);
+      logger()->error("{}: event {} (seq {}) could not be dead-lettered ({}); NAKed, back in {} ms", s.durable,
+                      c.event_id, c.sequence, e.what(), delay.count());
+    }
+  }
+
+  // ---- one message ---------------------------------------------------------------------------
+
+  void process(Subscription& s, Delivery& d) {
+    Message m;
+    {
+      // The natsMsg is only read here; no verdict can have been sent before the handler ran.
+      std::lock_guard lock(d.mutex);
+      if (d.settled || !d.msg) return;
+      natsMsg* msg = d.msg.get();
+      m.subject = natsMsg_GetSubject(msg);
+      m.body = body_of(msg);
+      m.headers = read_headers(msg);
+      jsMsgMetaData* meta = nullptr;
+      if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
+        m.metadata.stream = meta->Stream != nullptr ? meta->Stream : "";
+        m.metadata.consumer = meta->Consumer != nullptr ? meta->Consumer : s.durable;
+        m.metadata.stream_sequence = meta->Sequence.Stream;
+        m.metadata.consumer_sequence = meta->Sequence.Consumer;
+        m.metadata.deliveries = meta->NumDelivered;
+        m.metadata.pending = meta->NumPending;
+        m.metadata.timestamp = SystemTime{std::chrono::milliseconds{meta->Timestamp / 1000000}};
+        jsMsgMetaData_Destroy(meta);
+      }
+    }
+    m.max_attempts = s.max_attempts;
+    m.stop_token = handler_stop.get_token();
+    if (m.metadata.deliveries == 0) {
+      // Without the delivery count there is no safe retry decision; let the server redeliver.
+      logger()->error("{}: message on {} has no JetStream metadata; NAKed", s.durable, m.subject);
+      nak(d, s.backoff->delay(1));
+      return;
+    }
+
+    try {
+      m.envelope = Envelope::decode(m.body);
+    } catch (const std::exception& e) {
+      // Retrying cannot fix a body; the consumer moves on to the next message.
+      s.counters.malformed++;
+      dead_letter(s, d, m, DlqReason::malformed, current_exception_class(), e.what());
+      return;
+    }
+
+    const auto start = Clock::now();
+    std::optional<HandlerFailure> failure;
+    try {
+      s.chain(m);
+    } catch (const std::exception& e) {
+      failure = HandlerFailure{std::current_exception(), current_exception_class(), e.what()};
+    } catch (...) {
+      failure = HandlerFailure{std::current_exception(), current_exception_class(), "non-standard exception"};
+    }
+    s.latency.record(std::chrono::duration_cast<Micros>(Clock::now() - start));
+
+    {
+      std::lock_guard lock(d.mutex);
+      if (d.abandoned) {
+        logger()->warn("{}: handler for event {} finished after the stop deadline; its message was already handed back",
+                       s.durable, m.envelope.event_id);
+        return;
+      }
+    }
+
+    if (!failure) {
+      ack(s, d, m);
+      return;
+    }
+    s.counters.handler_errors++;
+    const Verdict verdict = s.policy.decide(*failure, m);
+    switch (verdict) {
+      case Verdict::discard:
+        ack(s, d, m);
+        s.counters.discarded++;
+        logger()->warn("{}: event {} (seq {}) discarded by the error policy after {}: {}", s.durable,
+                       m.envelope.event_id, m.metadata.stream_sequence, failure->error_class, failure->message);
+        return;
+      case Verdict::dead_letter:
+        dead_letter(s, d, m, DlqReason::permanent_error, failure->error_class, failure->message);
+        return;
+      case Verdict::retry:
+        break;
+    }
+    if (m.metadata.deliveries >= s.max_attempts) {
+      dead_letter(s, d, m, DlqReason::attempts_exhausted, failure->error_class, failure->message);
+      return;
+    }
+    const auto delay = s.backoff->delay(m.metadata.deliveries);
+    if (nak(d, delay)) s.counters.retried++;
+    logger()->warn("{}: event {} (seq {}) attempt {}/{} failed ({}: {}); retry in {} ms", s.durable,
+                   m.envelope.event_id, m.metadata.stream_sequence, m.metadata.deliveries, s.max_attempts,
+                   failure->error_class, failure->message, delay.count());
+  }
+
+  // ---- threads -------------------------------------------------------------------------------
+
+  void worker_loop(Subscription& s, std::stop_token st) {
+    while (true) {
+      DeliveryPtr d;
+      {
+        std::unique_lock lock(s.mutex);
+        s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested() || (s.accepting && !s.queue.empty()); });
+        if (st.stop_requested()) return;
+        if (!s.accepting || s.queue.empty()) continue;
+        d = std::move(s.queue.front());
+        s.queue.pop_front();
+        s.running++;
+      }
+      try {
+        process(s, *d);
+      } catch (...) {
+        // process() guards the handler; this is the last line against a bug of ours.
+        logger()->error("{}: unexpected {} while processing a message; NAKed", s.durable, current_exception_class());
+        nak(*d, s.backoff->delay(1));
+      }
+      {
+        std::lock_guard lock(s.mutex);
+        s.running--;
+        s.outstanding.erase(d);
+      }
+      s.cv.notify_all();
+    }
+  }
+
+  void enqueue(Subscription& s, natsMsgList& list) {
+    const auto now = Clock::now();
+    {
+      std::lock_guard lock(s.mutex);
+      for (int i = 0; i < list.Count; ++i) {
+        if (list.Msgs[i] == nullptr) continue;
+        auto d = std::make_shared<Delivery>();
+        d->msg.reset(list.Msgs[i]);
+        list.Msgs[i] = nullptr;  // ours now; natsMsgList_Destroy skips it
+        d->fetched_at = now;
+        d->last_progress = now;
+        s.queue.push_back(d);
+        s.outstanding.insert(std::move(d));
+        s.counters.received++;
+      }
+    }
+    natsMsgList_Destroy(&list);
+    s.cv.notify_all();
+  }
+
+  void fetch_loop(Subscription& s, std::stop_token st) {
+    auto last_error_log = Clock::time_point{};
+    while (!st.stop_requested()) {
+      int free = 0;
+      {
+        std::unique_lock lock(s.mutex);
+        s.cv.wait_for(lock, kIdleWait, [&] {
+          return st.stop_requested() || static_cast<int>(s.outstanding.size()) < s.capacity();
+        });
+        if (st.stop_requested()) break;
+        free = s.capacity() - static_cast<int>(s.outstanding.size());
+      }
+      if (free <= 0) continue;
+
+      // NoWait with an expiry (nats-server >= 2.9): the pull waits up to fetch_timeout for the
+      // first message, then returns what is there, up to the free slots. A plain waiting pull
+      // would hold a lone message back until the whole batch fills or the pull expires.
+      natsMsgList list{};
+      jsFetchRequest req;
+      jsFetchRequest_Init(&req);
+      req.Batch = free;
+      req.NoWait = true;
+      req.Expires = to_nanos(s.fetch_timeout);
+      const auto pulled_at = Clock::now();
+      const natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
+      if (status == NATS_OK) {
+        enqueue(s, list);
+        continue;
+      }
+      natsMsgList_Destroy(&list);
+      if (status == NATS_TIMEOUT || status == NATS_NOT_FOUND) {
+        // An empty answer long before the expiry (a server that ignores the expiry of a NoWait
+        // pull) must not turn this loop into a busy poll.
+        if (Clock::now() - pulled_at < s.fetch_timeout / 2) {
+          std::unique_lock lock(s.mutex);
+          s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested(); });
+        }
+        continue;
+      }
+      if (Clock::now() - last_error_log > std::chrono::seconds(10)) {
+        last_error_log = Clock::now();
+        logger()->warn("{}: fetch failed: {}; retrying", s.durable, detail::last_error_text(status));
+      }
+      std::unique_lock lock(s.mutex);
+      s.cv.wait_for(lock, kFetchErrorPause, [&] { return st.stop_requested(); });
+    }
+  }
+
+  void ticker_loop(std::stop_token st) {
+    Millis tick{1000};
+    for (const auto& s : subs) tick = std::min(tick, s->in_progress_interval / 4);
+    tick = std::max(tick, Millis{5});
+    std::mutex m;
+    std::condition_variable_any cv;
+    while (!st.stop_requested()) {
+      {
+        std::unique_lock lock(m);
+        cv.wait_for(lock, st, tick, [] { return false; });
+      }
+      if (st.stop_requested()) return;
+      const auto now = Clock::now();
+      for (auto& sp : subs) {
+        auto& s = *sp;
+        std::vector<DeliveryPtr> current;
+        {
+          std::lock_guard lock(s.mutex);
+          current.assign(s.outstanding.begin(), s.outstanding.end());
+        }
+        for (auto& d : current) {
+          if (now - d->last_progress < s.in_progress_interval) continue;
+          if (now - d->fetched_at >= s.max_in_progress) continue;  // let a hung handler's message go
+          // A worker holding the lock is settling it right now: no signal needed.
+          std::unique_lock lock(d->mutex, std::try_to_lock);
+          if (!lock || d->settled || !d->msg) continue;
+          natsMsg_InProgress(d->msg.get(), nullptr);
+          d->last_progress = now;
+        }
+      }
+    }
+  }
+
+  void advisory_loop(Subscription& s, std::stop_token st) {
+    while (!st.stop_requested()) {
+      natsMsg* raw = nullptr;
+      natsStatus status = natsSubscription_NextMsg(&raw, s.advisory.get(), kAdvisoryPoll.count());
+      if (status == NATS_TIMEOUT) continue;
+      if (status != NATS_OK) {
+        std::unique_lock lock(s.mutex);
+        s.cv.wait_for(lock, kAdvisoryPoll, [&] { return st.stop_requested(); });
+        continue;
+      }
+      detail::MsgPtr advisory(raw);
+      try {
+        handle_max_deliveries(s, body_of(advisory.get()), st);
+      } catch (const std::exception& e) {
+        logger()->error("{}: MAX_DELIVERIES advisory not handled: {}", s.durable, e.what());
+      }
+    }
+  }
+
+  // The server gave up on a message without a verdict from us. Read it by sequence and
+  // dead-letter it; the DLQ Nats-Msg-Id makes a second writer of the same letter harmless.
+  void handle_max_deliveries(Subscription& s, const std::string& text, const std::stop_token& st) {
+    auto j = nlohmann::json::parse(text, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) {
+      logger()->warn("{}: unreadable MAX_DELIVERIES advisory: {}", s.durable, text);
+      return;
+    }
+    const uint64_t seq = j.value("stream_seq", uint64_t{0});
+    const uint64_t deliveries = j.value("deliveries", uint64_t{0});
+    const std::string stream = j.value("stream", s.stream);
+    if (seq == 0) return;
+
+    natsMsg* raw = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    natsStatus status = js_GetMsg(&raw, connection->jetstream(), stream.c_str(), seq, nullptr, &jerr);
+    detail::MsgPtr stored(raw);
+    if (status != NATS_OK) {
+      logger()->error("{}: message {} of stream {} reached MaxDeliver but cannot be read ({}); not dead-lettered",
+                      s.durable, seq, stream, detail::last_error_text(status));
+      return;
+    }
+    DeadLetter letter;
+    letter.original_subject = natsMsg_GetSubject(stored.get());
+    letter.body = body_of(stored.get());
+    letter.headers = read_headers(stored.get());
+    auto& c = letter.context;
+    c.event_id = event_id_of(letter.body, letter.headers);
+    c.reason = DlqReason::max_deliveries;
+    c.error_message = "delivered " + std::to_string(deliveries) +
+                      " times (MaxDeliver) without a verdict: the handler crashed, hung past ack_wait, or its ack was lost";
+    c.deliveries = deliveries;
+    c.original_subject = letter.original_subject;
+    c.stream = stream;
+    c.sequence = seq;
+    c.consumer = s.durable;
+
+    Millis pause{200};
+    for (int attempt = 1; attempt <= kAdvisoryPublishTries; ++attempt) {
+      try {
+        auto r = dlq->publish(letter);
+        if (!r.duplicate) {
+          s.counters.dead_lettered++;
+          s.counters.max_deliveries++;
+        }
+        logger()->error("{}: event {} (seq {}) reached MaxDeliver ({}); dead-lettered to {}{}", s.durable, c.event_id,
+                        seq, deliveries, r.subject, r.duplicate ? " (already there)" : "");
+        return;
+      } catch (const std::exception& e) {
+        logger()->warn("{}: dead-lettering seq {} after MaxDeliver failed (try {}/{}): {}", s.durable, seq, attempt,
+                       kAdvisoryPublishTries, e.what());
+      }
+      std::unique_lock lock(s.mutex);
+      if (s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); })) break;
+      pause *= 2;
+    }
+    s.counters.dlq_failures++;
+    logger()->error("{}: event {} reached MaxDeliver and could not be dead-lettered; it stays in stream {} at "
+                    "sequence {} (the server will not deliver it again)",
+                    s.durable, c.event_id, stream, seq);
+  }
+
+  void add(std::string filter, bool own, Handler handler, SubscriptionOptions options) {
+    subject::validate_filter(filter);
+    if (!handler) throw ConfigError("handler", "the handler for " + filter + " must be callable");
+    Registration r;
+    r.durable = options.durable.value_or(Topology::consumer_name(config, filter));
+    if (!subject::is_valid_token(r.durable))
+      throw ConfigError("durable", "\"" + r.durable + "\" must be one token of letters, digits, '_' or '-'");
+    std::lock_guard lock(lifecycle);
+    if (started) throw Error("Consumer::subscribe: call before start()");
+    for (const auto& other : registrations) {
+      if (other.durable == r.durable)
+        throw ConfigError("durable", "\"" + r.durable + "\" is used by two subscriptions (" + other.filter + ", " +
+                                         filter + ")");
+    }
+    r.filter = std::move(filter);
+    r.own_topic = own;
+    r.handler = std::move(handler);
+    r.options = std::move(options);
+    registrations.push_back(std::move(r));
+  }
+
+  // ---- start / stop --------------------------------------------------------------------------
+
+  std::unique_ptr<Subscription> prepare(Topology& topology, const Registration& r) {
+    const auto& d = config.consumer;
+    const auto& o = r.options;
+    auto s = std::make_unique<Subscription>();
+    s->filter = r.filter;
+    s->durable = r.durable;
+    s->concurrency = o.concurrency.value_or(d.concurrency);
+    s->prefetch = o.prefetch.value_or(0);
+    const int attempts = o.max_attempts.value_or(d.max_attempts);
+    s->backoff = o.backoff ? *o.backoff
+                           : (d.backoff.empty() ? Backoff::exponential(Millis{1000}, Millis{60000})
+                                                : Backoff::list(d.backoff));
+    s->ack_wait = o.ack_wait.value_or(d.ack_wait);
+    s->max_ack_pending = o.max_ack_pending.value_or(std::max(d.max_ack_pending, s->capacity()));
+    s->max_deliver = o.max_deliver.value_or(static_cast<int64_t>(attempts) + 2);
+    s->in_progress_interval = o.in_progress_interval.value_or(s->ack_wait / 3);
+    s->max_in_progress = o.max_in_progress.value_or(kDefaultMaxInProgress);
+    s->fetch_timeout = o.fetch_timeout.value_or(d.fetch_timeout);
+    s->policy = o.error_policy;
+
+    const std::string f = "subscription " + r.filter + ": ";
+    if (s->concurrency < 1 || s->concurrency > 10000) throw ConfigError(f + "concurrency", "must be between 1 and 10000");
+    if (s->prefetch < 0) throw ConfigError(f + "prefetch", "must be >= 0");
+    if (attempts < 1) throw ConfigError(f + "max_attempts", "must be >= 1");
+    s->max_attempts = static_cast<uint64_t>(attempts);
+    if (s->ack_wait.count() <= 0) throw ConfigError(f + "ack_wait", "must be greater than 0 ms");
+    if (s->max_ack_pending < s->capacity())
+      throw ConfigError(f + "max_ack_pending", "must be >= concurrency + prefetch, or fetches stall");
+    if (s->max_deliver <= attempts)
+      throw ConfigError(f + "max_deliver", "must exceed max_attempts, so the runtime decides the last attempt");
+    if (s->in_progress_interval.count() <= 0 || s->in_progress_interval >= s->ack_wait)
+      throw ConfigError(f + "in_progress_interval", "must be greater than 0 and less than ack_wait");
+    if (s->max_in_progress.count() <= 0) throw ConfigError(f + "max_in_progress", "must be greater than 0 ms");
+    if (s->fetch_timeout.count() <= 0) throw ConfigError(f + "fetch_timeout", "must be greater than 0 ms");
+
+    std::vector<Middleware> chain = middleware;
+    chain.insert(chain.end(), o.middleware.begin(), o.middleware.end());
+    s->chain = compose(chain, r.handler);
+
+    ConsumerSpec spec = Topology::consumer_spec(config, r.filter);
+    spec.durable = s->durable;
+    spec.ack_wait = s->ack_wait;
+    spec.max_deliver = s->max_deliver;
+    spec.max_ack_pending = s->max_ack_pending;
+    auto ensured = topology.ensure_consumer(spec);
+    s->stream = ensured.stream;
+
+    // Bind to the durable we just ensured: cnats must neither create another consumer nor
+    // delete this one when the subscription goes.
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = s->stream.c_str();
+    so.Consumer = s->durable.c_str();
+    natsSubscription* pull = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    natsStatus status = js_PullSubscribe(&pull, connection->jetstream(), s->filter.c_str(), s->durable.c_str(), nullptr,
+                                         &so, &jerr);
+    s->pull.reset(pull);
+    detail::check(status, "binding to consumer " + s->durable + " on stream " + s->stream, jerr);
+
+    if (options.capture_max_deliveries) {
+      // A queue group: of all instances sharing the durable, one handles each advisory.
+      const std::string subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + s->stream + "." + s->durable;
+      const std::string queue = "natspubsub-dlq-" + s->durable;
+      natsSubscription* adv = nullptr;
+      status = natsConnection_QueueSubscribeSync(&adv, connection->native(), subject.c_str(), queue.c_str());
+      s->advisory.reset(adv);
+      detail::check(status, "subscribing to " + subject);
+    }
+    logger()->info("subscription {} -> consumer {} on stream {}: concurrency {}, prefetch {}, max_attempts {}, "
+                   "backoff {}, ack_wait {} ms, max_deliver {}",
+                   s->filter, s->durable, s->stream, s->concurrency, s->prefetch, s->max_attempts,
+                   s->backoff->describe(), s->ack_wait.count(), s->max_deliver);
+    return s;
+  }
+
+  void start() {
+    std::lock_guard lock(lifecycle);
+    if (started) throw Error("Consumer::start: already started (a Consumer runs once; make a new one to restart)");
+    if (registrations.empty()) throw ConfigError("subscriptions", "subscribe to at least one topic before start()");
+    Topology topology(*connection);
+    if (options.ensure_topology) {
+      if (options.dlq_subject_prefix.empty()) topology.ensure_dlq_stream();
+      if (std::any_of(registrations.begin(), registrations.end(), [](const auto& r) { return r.own_topic; }))
+        topology.ensure_events_stream();
+    }
+    dlq = std::make_unique<DlqPublisher>(*connection, options.dlq_subject_prefix);
+    std::vector<std::unique_ptr<Subscription>> prepared;
+    for (const auto& r : registrations) prepared.push_back(prepare(topology, r));  // throws: nothing started yet
+
+    subs = std::move(prepared);
+    started = true;
+    running = true;
+    for (auto& sp : subs) {
+      auto* s = sp.get();
+      for (int i = 0; i < s->concurrency; ++i)
+        s->workers.emplace_back([this, s](std::stop_token st) { worker_loop(*s, st); });
+      s->fetcher = std::jthread([this, s](std::stop_token st) { fetch_loop(*s, st); });
+      if (s->advisory) s->advisor = std::jthread([this, s](std::stop_token st) { advisory_loop(*s, st); });
+    }
+    ticker = std::jthread([this](std::stop_token st) { ticker_loop(st); });
+  }
+
+  StopReport stop(Millis deadline) {
+    std::lock_guard lock(lifecycle);
+    StopReport report;
+    if (!running) return report;
+    const auto until = Clock::now() + deadline;
+
+    // 1. Fetching ends (each pull is bounded by fetch_timeout), and so does the advisory
+    // listener (bounded by its poll). Workers keep taking what the last pull brought meanwhile:
+    // handing a message back costs it a delivery, running it on an idle worker does not.
+    for (auto& s : subs) {
+      s->fetcher.request_stop();
+      s->advisor.request_stop();
+      s->cv.notify_all();
+    }
+    for (auto& s : subs) {
+      if (s->fetcher.joinable()) s->fetcher.join();
+      if (s->advisor.joinable()) s->advisor.join();
+    }
+
+    // 2. From here workers start nothing new.
+    for (auto& s : subs) {
+      std::lock_guard l(s->mutex);
+      s->accepting = false;
+    }
+
+    // 3. Fetched but not started: NAK without delay, so another instance has them at once.
+    uint64_t running_at_stop = 0;
+    for (auto& s : subs) {
+      std::deque<DeliveryPtr> unstarted;
+      {
+        std::lock_guard l(s->mutex);
+        unstarted.swap(s->queue);
+        for (const auto& d : unstarted) s->outstanding.erase(d);
+        running_at_stop += static_cast<uint64_t>(s->running);
+      }
+      for (auto& d : unstarted) {
+        if (nak(*d, Millis{0})) {
+          s->counters.nacked_on_stop++;
+          report.nacked_unstarted++;
+        }
+      }
+      s->cv.notify_all();
+    }
+
+    // 4. Running handlers finish (and ack or NAK) until the deadline.
+    for (auto& s : subs) {
+      std::unique_lock l(s->mutex);
+      s->cv.wait_until(l, until, [&] { return s->running == 0; });
+    }
+
+    // 5. Past the deadline: ask handlers to give up and hand their messages back now.
+    for (auto& s : subs) {
+      std::vector<DeliveryPtr> stuck;
+      {
+        std::lock_guard l(s->mutex);
+        stuck.assign(s->outstanding.begin(), s->outstanding.end());
+      }
+      for (auto& d : stuck) {
+        std::lock_guard dl(d->mutex);
+        if (d->settled || !d->msg) continue;
+        natsMsg_Nak(d->msg.get(), nullptr);
+        d->settled = true;
+        d->abandoned = true;
+        d->msg.reset();
+        report.abandoned++;
+      }
+    }
+    if (report.abandoned > 0) {
+      handler_stop.request_stop();
+      report.within_deadline = false;
+      workers_stuck = true;
+      logger()->warn("stop: {} handler(s) still running after {} ms; their messages were handed back", report.abandoned,
+                     deadline.count());
+    }
+    report.finished = running_at_stop - std::min(running_at_stop, report.abandoned);
+
+    // 6. Threads end. Workers still inside a handler are joined by the destructor.
+    for (auto& s : subs) {
+      for (auto& w : s->workers) w.request_stop();
+      s->cv.notify_all();
+    }
+    if (!workers_stuck) {
+      for (auto& s : subs)
+        for (auto& w : s->workers)
+          if (w.joinable()) w.join();
+    }
+    ticker = std::jthread();
+
+    // 7. Acks and NAKs are on the wire before the subscriptions go; the durables stay.
+    if (connection->native() != nullptr) natsConnection_FlushTimeout(connection->native(), kFlushTimeout.count());
+    for (auto& s : subs) {
+      s->advisory.reset();
+      s->pull.reset();
+    }
+    running = false;
+    logger()->info("consumer stopped: {} handed back unstarted, {} finished, {} abandoned", report.nacked_unstarted,
+                   report.finished, report.abandoned);
+    return report;
+  }
+
+  SubscriptionStats stats_of(Subscription& s) const {
+    SubscriptionStats out;
+    out.subject = s.filter;
+    out.durable = s.durable;
+    out.stream = s.stream;
+    const auto& c = s.counters;
+    out.received = c.received;
+    out.acked = c.acked;
+    out.retried = c.retried;
+    out.dead_lettered = c.dead_lettered;
+    out.discarded = c.discarded;
+    out.malformed = c.malformed;
+    out.max_deliveries = c.max_deliveries;
+    out.handler_errors = c.handler_errors;
+    out.nacked_on_stop = c.nacked_on_stop;
+    out.ack_failures = c.ack_failures;
+    out.dlq_failures = c.dlq_failures;
+    {
+      std::lock_guard lock(s.mutex);
+      out.in_flight = s.outstanding.size();
+      out.running = static_cast<uint64_t>(s.running);
+    }
+    out.latency = s.latency.snapshot();
+    return out;
+  }
+};
+
+Consumer::Consumer(Connection& connection, ConsumerOptions options) : impl_(std::make_unique<Impl>()) {
+  impl_->connection = &connection;
+  impl_->config = connection.config();
+  impl_->options = std::move(options);
+}
+
+Consumer::~Consumer() {
+  if (!impl_) return;
+  try {
+    impl_->stop(impl_->options.stop_timeout);
+  } catch (...) {
+    logger()->error("consumer stop failed in the destructor: {}", current_exception_class());
+  }
+}
+
+Consumer& Consumer::use(Middleware middleware) {
+  if (!middleware) throw ConfigError("middleware", "must be callable");
+  std::lock_guard lock(impl_->lifecycle);
+  if (impl_->started) throw Error("Consumer::use: call before start()");
+  impl_->middleware.push_back(std::move(middleware));
+  return *this;
+}
+
+Consumer& Consumer::subscribe(std::string_view topic, Handler handler, SubscriptionOptions options) {
+  if (topic.empty()) throw SubjectError("subscribe: the topic is empty");
+  const std::string filter = impl_->config.env + "." + impl_->config.app + "." + std::string(topic);
+  impl_->add(filter, true, std::move(handler), std::move(options));
+  return *this;
+}
+
+Consumer& Consumer::subscribe_subject(std::string_view subject_filter, Handler handler, SubscriptionOptions options) {
+  impl_->add(std::string(subject_filter), false, std::move(handler), std::move(options));
+  return *this;
+}
+
+
+void Consumer::start() { impl_->start(); }
+StopReport Consumer::stop(Millis deadline) { return impl_->stop(deadline); }
+StopReport Consumer::stop() { return impl_->stop(impl_->options.stop_timeout); }
+bool Consumer::running() const noexcept { return impl_->running.load(); }
+
+std::vector<SubscriptionStats> Consumer::stats() const {
+  std::vector<SubscriptionStats> out;
+  for (const auto& s : impl_->subs) out.push_back(impl_->stats_of(*s));
+  return out;
+}
+
+SubscriptionStats Consumer::stats(std::string_view durable) const {
+  for (const auto& s : impl_->subs) {
+    if (s->durable == durable) return impl_->stats_of(*s);
+  }
+  throw ConfigError("durable", "no running subscription has durable \"" + std::string(durable) + "\"");
+}
+
+}  // namespace natspubsub
