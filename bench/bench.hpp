@@ -104,6 +104,16 @@ std::pair<std::vector<double>, std::vector<double>> interleave(int repetitions, 
 /// A JSON object whose dump() is exactly `bytes` long (an order-like event, padded).
 [[nodiscard]] nlohmann::json make_message(std::size_t bytes = 128, std::int64_t order_id = 1001);
 
+/// CPU time (user + system, all threads) this process has used: the client side's cost,
+/// which the server's work and other processes on the machine do not blur.
+[[nodiscard]] double process_cpu_seconds();
+
+/// One side's run: messages per second and client CPU microseconds per message.
+struct Throughput {
+  double rate = 0;
+  double cpu_us_per_msg = 0;
+};
+
 using Seconds = std::chrono::duration<double>;
 inline double elapsed_seconds(std::chrono::steady_clock::time_point since) {
   return Seconds(std::chrono::steady_clock::now() - since).count();
@@ -118,5 +128,7 @@ struct ScenarioGroup {
 
 std::vector<ScenarioGroup> publish_scenarios();
 std::vector<ScenarioGroup> relay_scenarios();
+std::vector<ScenarioGroup> consume_scenarios();
+std::vector<ScenarioGroup> memory_scenarios();
 
 }  // namespace natspubsub::bench

@@ -36,7 +36,7 @@ medians and the ratio library/baseline.
 
 std::vector<ScenarioGroup> all_groups() {
   std::vector<ScenarioGroup> groups;
-  for (auto&& list : {publish_scenarios(), relay_scenarios()})
+  for (auto&& list : {publish_scenarios(), consume_scenarios(), relay_scenarios(), memory_scenarios()})
     for (const auto& g : list) groups.push_back(g);
   return groups;
 }
@@ -94,17 +94,17 @@ void print_table(const std::vector<Result>& results, const nlohmann::json& machi
       << "load average at start " << load_start.dump() << ", at end " << load_end.dump() << "; run took "
       << static_cast<int>(seconds) << " s\n\n";
   char line[256];
-  std::snprintf(line, sizeof(line), "%-24s %12s %12s %-7s %7s  %-16s %s\n", "scenario", "library", "baseline", "unit",
-                "ratio", "target", "met");
+  std::snprintf(line, sizeof(line), "%-24s %12s %12s %-7s %7s  %-16s %-4s %s\n", "scenario", "library", "baseline",
+                "unit", "ratio", "target", "met", "runs");
   out << line;
   for (const auto& r : results) {
-    std::snprintf(line, sizeof(line), "%-24s %12s %12s %-7s %7.2f  %-16s %s\n", r.scenario.c_str(),
+    std::snprintf(line, sizeof(line), "%-24s %12s %12s %-7s %7.2f  %-16s %-4s %zu\n", r.scenario.c_str(),
                   fmt_number(r.library, r.unit).c_str(), fmt_number(r.baseline, r.unit).c_str(), r.unit.c_str(),
-                  r.ratio(), r.target.describe().c_str(), r.met() ? "yes" : "NO");
+                  r.ratio(), r.target.describe().c_str(), r.met() ? "yes" : "NO", r.library_runs.size());
     out << line;
   }
-  out << "\nmedians of " << (results.empty() ? 0 : results.front().library_runs.size())
-      << " interleaved runs per side (ABBA); msgs/s: higher is better, us and MB: lower is better\n";
+  out << "\nlibrary and baseline: medians of `runs` runs per side, interleaved (ABBA), same servers;\n"
+      << "ratio = library / baseline; msgs/s: higher is better, us and MB: lower is better\n";
   std::cout << out.str() << std::flush;
 }
 

@@ -29,18 +29,27 @@ std::vector<Result> run_publish(Context& ctx) {
   const auto body = message.dump();  // the baseline's body: the same 128 bytes of JSON
   const auto raw_subject = bench_subject("raw_sync");
   int run = 0;
+  std::vector<double> lib_cpu, raw_cpu;  // client CPU per message, this process only
+  auto timed = [](std::vector<double>& cpu, int n, auto&& body) {
+    const double c0 = process_cpu_seconds();
+    auto t0 = std::chrono::steady_clock::now();
+    body();
+    const double rate = n / elapsed_seconds(t0);
+    cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
+    return rate;
+  };
 
   // --- publish, waiting for each PubAck
   auto lib_sync = [&](int n) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) (void)publisher.publish("sync", message);
-    return n / elapsed_seconds(t0);
+    return timed(lib_cpu, n, [&] {
+      for (int i = 0; i < n; ++i) (void)publisher.publish("sync", message);
+    });
   };
   auto raw_sync = [&](int n) {
     const int r = ++run;
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) raw.publish_sync(raw_subject.c_str(), body, raw_id("s", r, i).c_str());
-    return n / elapsed_seconds(t0);
+    return timed(raw_cpu, n, [&] {
+      for (int i = 0; i < n; ++i) raw.publish_sync(raw_subject.c_str(), body, raw_id("s", r, i).c_str());
+    });
   };
   const int n_sync = s.publish_sync_count;
   auto [lib_runs, raw_runs] = interleave(
@@ -48,6 +57,8 @@ std::vector<Result> run_publish(Context& ctx) {
       [&] {
         lib_sync(std::max(20, n_sync / 10));
         raw_sync(std::max(20, n_sync / 10));
+        lib_cpu.clear();
+        raw_cpu.clear();
       });
   Result sync;
   sync.scenario = "publish_sync";
@@ -60,10 +71,14 @@ std::vector<Result> run_publish(Context& ctx) {
   sync.load_avg = load;
   sync.extra = {{"count", n_sync},
                 {"library_body_bytes", publisher.prepare("sync", message).payload.size()},
-                {"baseline_body_bytes", body.size()}};
+                {"baseline_body_bytes", body.size()},
+                {"library_cpu_us_per_msg", median(lib_cpu)},
+                {"baseline_cpu_us_per_msg", median(raw_cpu)}};
 
   // --- batch publish with an async window
   load = load_average();
+  lib_cpu.clear();
+  raw_cpu.clear();
   raw.purge_stream(stream);
   RawNats raw_async(ctx.nats_url(), s.publish_window);
   const auto raw_async_subject = bench_subject("raw_batch");
@@ -72,19 +87,18 @@ std::vector<Result> run_publish(Context& ctx) {
   auto lib_batch = [&](int n) {
     // The events are the caller's data, built before the clock starts like the baseline's body.
     std::vector<OutgoingEvent> events(static_cast<std::size_t>(n), OutgoingEvent{"batch", message, {}});
-    auto t0 = std::chrono::steady_clock::now();
-    auto results = publisher.publish_batch(events, bo);
-    const double rate = n / elapsed_seconds(t0);
+    std::vector<PublishResult> results;
+    const double rate = timed(lib_cpu, n, [&] { results = publisher.publish_batch(events, bo); });
     for (const auto& r : results)
       if (!r) throw std::runtime_error("library batch publish failed: " + r.error->message);
     return rate;
   };
   auto raw_batch = [&](int n) {
     const int r = ++run;
-    auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) raw_async.publish_async(raw_async_subject.c_str(), body, raw_id("b", r, i).c_str());
-    raw_async.complete_async();
-    return n / elapsed_seconds(t0);
+    return timed(raw_cpu, n, [&] {
+      for (int i = 0; i < n; ++i) raw_async.publish_async(raw_async_subject.c_str(), body, raw_id("b", r, i).c_str());
+      raw_async.complete_async();
+    });
   };
   const int n_batch = s.publish_batch_count;
   auto [lib_b, raw_b] = interleave(
@@ -92,6 +106,8 @@ std::vector<Result> run_publish(Context& ctx) {
       [&] {
         lib_batch(std::max(100, n_batch / 10));
         raw_batch(std::max(100, n_batch / 10));
+        lib_cpu.clear();
+        raw_cpu.clear();
       });
   Result batch;
   batch.scenario = "publish_batch";
@@ -106,7 +122,9 @@ std::vector<Result> run_publish(Context& ctx) {
   batch.extra = {{"count", n_batch},
                  {"window", s.publish_window},
                  {"library_body_bytes", publisher.prepare("batch", message).payload.size()},
-                 {"baseline_body_bytes", body.size()}};
+                 {"baseline_body_bytes", body.size()},
+                 {"library_cpu_us_per_msg", median(lib_cpu)},
+                 {"baseline_cpu_us_per_msg", median(raw_cpu)}};
   raw.purge_stream(stream);
   return {sync, batch};
 }

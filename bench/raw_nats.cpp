@@ -81,4 +81,20 @@ void RawNats::delete_consumer(const std::string& stream, const std::string& dura
   if (s != NATS_OK && jerr != JSConsumerNotFoundErr) check(s, "deleting consumer " + durable);
 }
 
+RawPullConsumer::RawPullConsumer(RawNats& nats, const std::string& stream, const std::string& filter,
+                                 const std::string& durable, int max_ack_pending) {
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = stream.c_str();
+  so.Config.Durable = durable.c_str();
+  so.Config.AckPolicy = js_AckExplicit;
+  so.Config.MaxAckPending = max_ack_pending;
+  so.Config.AckWait = int64_t{30} * 1000000000;
+  natsSubscription* sub = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  check(js_PullSubscribe(&sub, nats.js(), filter.c_str(), durable.c_str(), nullptr, &so, &jerr),
+        "raw pull subscribe " + durable);
+  sub_.reset(sub);
+}
+
 }  // namespace natspubsub::bench

@@ -56,4 +56,36 @@ class RawNats {
   std::atomic<uint64_t> failed_{0};
 };
 
+/// A hand-written pull consumer on a durable it creates: fetch a batch (NoWait with an expiry,
+/// as the library does, so a lone message is not held back), then ack each message.
+class RawPullConsumer {
+ public:
+  RawPullConsumer(RawNats& nats, const std::string& stream, const std::string& filter, const std::string& durable,
+                  int max_ack_pending = 1000);
+  /// Fetches up to `batch` messages (waiting up to `expires_ms` for the first), calls `on_message`
+  /// for each and acks it (async ack unless `ack_sync`). Returns how many came.
+  template <typename F>
+  int fetch(int batch, int64_t expires_ms, bool ack_sync, F&& on_message) {
+    natsMsgList list{};
+    jsFetchRequest req;
+    jsFetchRequest_Init(&req);
+    req.Batch = batch;
+    req.NoWait = true;
+    req.Expires = expires_ms * 1000000;
+    natsStatus s = natsSubscription_FetchRequest(&list, sub_.get(), &req);
+    if (s == NATS_TIMEOUT || s == NATS_NOT_FOUND) return 0;
+    check(s, "raw fetch");
+    for (int i = 0; i < list.Count; ++i) {
+      on_message(list.Msgs[i]);
+      check(ack_sync ? natsMsg_AckSync(list.Msgs[i], nullptr, nullptr) : natsMsg_Ack(list.Msgs[i], nullptr), "raw ack");
+    }
+    const int n = list.Count;
+    natsMsgList_Destroy(&list);
+    return n;
+  }
+
+ private:
+  SubPtr sub_;
+};
+
 }  // namespace natspubsub::bench

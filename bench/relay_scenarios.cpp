@@ -70,6 +70,7 @@ Result run_relay(Context& ctx, const Backend& backend, double target) {
   const auto subject = bench_subject("relay_" + backend.name);
   const auto raw_subject = bench_subject("raw_relay_" + backend.name);
   std::vector<double> fill_seconds;
+  std::vector<double> lib_cpu, raw_cpu;  // this process only: PostgreSQL's own CPU is not in it
   int run = 0;
 
   auto library = [&](int n) {
@@ -83,9 +84,11 @@ Result run_relay(Context& ctx, const Backend& backend, double target) {
     o.relay_id = "bench-relay";
     o.publish_window = s.publish_window;
     OutboxRelay relay(nats, *db, o);
+    const double c0 = process_cpu_seconds();
     auto t0 = std::chrono::steady_clock::now();
     auto handled = relay.drain();
     const double rate = n / elapsed_seconds(t0);
+    lib_cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
     auto st = relay.stats();
     if (handled != static_cast<std::size_t>(n) || st.published != static_cast<uint64_t>(n))
       throw std::runtime_error("relay " + backend.name + " published " + std::to_string(st.published) + " of " +
@@ -94,16 +97,22 @@ Result run_relay(Context& ctx, const Backend& backend, double target) {
   };
   auto baseline = [&](int n) {
     auto events = make_events(n);
+    const double c0 = process_cpu_seconds();
     auto t0 = std::chrono::steady_clock::now();
     for (const auto& e : events) raw.publish_async(raw_subject.c_str(), e.payload, e.event_id.c_str());
     raw.complete_async();
-    return n / elapsed_seconds(t0);
+    const double rate = n / elapsed_seconds(t0);
+    raw_cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
+    return rate;
   };
   auto [lib_runs, raw_runs] = interleave(
       s.slow_repetitions, [&] { return library(rows); }, [&] { return baseline(rows); },
       [&] {
         library(std::max(500, rows / 20));
         baseline(std::max(500, rows / 20));
+        fill_seconds.clear();
+        lib_cpu.clear();
+        raw_cpu.clear();
       });
   raw.purge_stream(stream);
 
@@ -118,7 +127,9 @@ Result run_relay(Context& ctx, const Backend& backend, double target) {
   r.target = {Target::Kind::ratio_at_least, target};
   r.load_avg = load;
   r.extra = {{"count", rows}, {"body_bytes", make_events(1).front().payload.size()},
-             {"fill_seconds_median", median(fill_seconds)}};
+             {"fill_seconds_median", median(fill_seconds)},
+             {"library_cpu_us_per_msg", median(lib_cpu)},
+             {"baseline_cpu_us_per_msg", median(raw_cpu)}};
   return r;
 }
 
