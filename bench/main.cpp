@@ -80,6 +80,12 @@ nlohmann::json to_json(const Result& r, const nlohmann::json& machine, bool quic
                       {"quick", quick},
                       {"load_avg", r.load_avg},
                       {"machine", machine}};
+  // Ratio of each repetition's pair (run back to back), then the median: less sensitive than the
+  // ratio of medians to load that changes during the run.
+  std::vector<double> paired;
+  for (std::size_t i = 0; i < std::min(r.library_runs.size(), r.baseline_runs.size()); ++i)
+    if (r.baseline_runs[i] != 0) paired.push_back(r.library_runs[i] / r.baseline_runs[i]);
+  j["paired_ratio_median"] = median(paired);
   for (const auto& [k, v] : r.extra.items()) j[k] = v;
   return j;
 }

@@ -51,10 +51,12 @@ void RawNats::publish_sync(const char* subject, const std::string& body, const c
   check(s, std::string("raw publish to ") + subject);
 }
 
-void RawNats::publish_async(const char* subject, const std::string& body, const char* msg_id) {
+void RawNats::publish_async(const char* subject, const std::string& body, const char* msg_id, const char* header,
+                            const char* header_value) {
   natsMsg* raw = nullptr;
   check(natsMsg_Create(&raw, subject, nullptr, body.data(), static_cast<int>(body.size())), "creating message");
   MsgPtr msg(raw);
+  if (header != nullptr) check(natsMsgHeader_Set(msg.get(), header, header_value), "setting a header");
   check(natsMsgHeader_Set(msg.get(), "Nats-Msg-Id", msg_id), "setting Nats-Msg-Id");
   natsMsg* handed = msg.get();
   check(js_PublishMsgAsync(js_.get(), &handed, nullptr), std::string("raw async publish to ") + subject);

@@ -40,7 +40,8 @@ class RawNats {
   /// Publishes one message with a Nats-Msg-Id header and waits for its PubAck.
   void publish_sync(const char* subject, const std::string& body, const char* msg_id);
   /// Async publish (async_window > 0): returns once the message is handed to cnats.
-  void publish_async(const char* subject, const std::string& body, const char* msg_id);
+  void publish_async(const char* subject, const std::string& body, const char* msg_id,
+                     const char* header = nullptr, const char* header_value = nullptr);
   /// Waits for every outstanding ack; throws if any message was not stored.
   void complete_async();
 
