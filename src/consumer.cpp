@@ -9,11 +9,13 @@
 #include <set>
 #include <stop_token>
 #include <thread>
+#include <unordered_map>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/dlq.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
+#include <natspubsub/request.hpp>
 #include <natspubsub/subject.hpp>
 #include <natspubsub/topology.hpp>
 
@@ -163,6 +165,15 @@ struct Subscription {
 
   Counters counters;
   LatencyHistogram latency;
+
+  // ---- protection (circuit breaker, rate limit) ----
+  std::shared_ptr<CircuitBreaker> breaker;
+  std::unique_ptr<RateLimiter> limiter;
+  std::atomic<uint64_t> deferred{0};
+  std::mutex deferrals_mutex;
+  // Stream sequence -> deliveries that were deferrals (circuit not closed), not attempts. In
+  // memory: after a restart a message's earlier deferrals count as attempts again.
+  std::unordered_map<uint64_t, uint64_t> deferrals;
 
   // Last members: destroyed (stopped and joined) first, while the state above still exists.
   std::jthread fetcher;
@@ -333,9 +344,20 @@ struct Consumer::Impl {
       return;
     }
 
+    // protection: an open circuit runs no handler; the message waits without spending an attempt.
+    if (s.breaker && !s.breaker->allow()) {
+      defer(s, d, m, "circuit open");
+      return;
+    }
+    const uint64_t deferred_deliveries = deferrals_of(s, m.metadata.stream_sequence);
+    m.max_attempts = s.max_attempts + deferred_deliveries;  // so Message::last_attempt() ignores deferrals
+
     const auto start = Clock::now();
     std::optional<HandlerFailure> failure;
     try {
+      // Requests made by the handler carry this message's correlation id (request.hpp).
+      const std::string correlation = m.header(kCorrelationIdHeader);
+      CorrelationScope scope(correlation.empty() ? m.envelope.event_id : correlation);
       s.chain(m);
     } catch (const std::exception& e) {
       failure = HandlerFailure{std::current_exception(), current_exception_class(), e.what()};
@@ -354,11 +376,27 @@ struct Consumer::Impl {
     }
 
     if (!failure) {
+      if (s.breaker) s.breaker->record_success();
+      forget_deferrals(s, m.metadata.stream_sequence);
       ack(s, d, m);
       return;
     }
     s.counters.handler_errors++;
     const Verdict verdict = s.policy.decide(*failure, m);
+    if (s.breaker) {
+      // protection: only a failure worth retrying says something about a dependency. One that
+      // opens the circuit, or comes while it is not closed, defers the message: no attempt spent.
+      if (verdict != Verdict::retry) {
+        s.breaker->record_success();
+      } else {
+        s.breaker->record_failure(failure->message);
+        if (s.breaker->state() != CircuitState::closed) {
+          defer(s, d, m, "failed while the circuit is not closed");
+          return;
+        }
+      }
+    }
+    if (verdict != Verdict::retry) forget_deferrals(s, m.metadata.stream_sequence);
     switch (verdict) {
       case Verdict::discard:
         ack(s, d, m);
@@ -372,15 +410,66 @@ struct Consumer::Impl {
       case Verdict::retry:
         break;
     }
-    if (m.metadata.deliveries >= s.max_attempts) {
+    const uint64_t attempt = m.metadata.deliveries - std::min(m.metadata.deliveries, deferred_deliveries);
+    if (attempt >= s.max_attempts) {
+      forget_deferrals(s, m.metadata.stream_sequence);
       dead_letter(s, d, m, DlqReason::attempts_exhausted, failure->error_class, failure->message);
       return;
     }
-    const auto delay = s.backoff->delay(m.metadata.deliveries);
+    const auto delay = s.backoff->delay(std::max<uint64_t>(1, attempt));
     if (nak(d, delay)) s.counters.retried++;
     logger()->warn("{}: event {} (seq {}) attempt {}/{} failed ({}: {}); retry in {} ms", s.durable,
-                   m.envelope.event_id, m.metadata.stream_sequence, m.metadata.deliveries, s.max_attempts,
+                   m.envelope.event_id, m.metadata.stream_sequence, attempt, s.max_attempts,
                    failure->error_class, failure->message, delay.count());
+  }
+
+  // ---- protection: circuit breaker and rate limit -------------------------------------------
+
+  static uint64_t deferrals_of(Subscription& s, uint64_t sequence) {
+    std::lock_guard lock(s.deferrals_mutex);
+    auto it = s.deferrals.find(sequence);
+    return it == s.deferrals.end() ? 0 : it->second;
+  }
+
+  static void forget_deferrals(Subscription& s, uint64_t sequence) {
+    std::lock_guard lock(s.deferrals_mutex);
+    s.deferrals.erase(sequence);
+  }
+
+  // NAKs with the time left until the circuit's next probe: the message waits for the dependency.
+  void defer(Subscription& s, Delivery& d, const Message& m, const char* why) {
+    auto delay = s.breaker->retry_after();
+    if (delay.count() <= 0) delay = s.breaker->options().open_duration;
+    if (!nak(d, delay)) return;
+    s.deferred++;
+    {
+      std::lock_guard lock(s.deferrals_mutex);
+      // Entries of messages another instance finished are never erased here; bound the map.
+      if (s.deferrals.size() >= 100000) s.deferrals.clear();
+      s.deferrals[m.metadata.stream_sequence]++;
+    }
+    logger()->debug("{}: event {} (seq {}) deferred {} ms: {}", s.durable, m.envelope.event_id,
+                    m.metadata.stream_sequence, delay.count(), why);
+  }
+
+  // Shrinks `batch` to what the circuit and the rate limit allow now. False when nothing may be
+  // fetched yet; it has then waited (bounded by kIdleWait) before the caller looks again.
+  bool limit_fetch(Subscription& s, int& batch, const std::stop_token& st) {
+    Millis pause{0};
+    if (s.breaker) {
+      const auto state = s.breaker->state();
+      if (state == CircuitState::open) pause = std::max(Millis{1}, std::min(s.breaker->retry_after(), kIdleWait));
+      if (state == CircuitState::half_open) batch = std::min(batch, s.breaker->options().half_open_probes);
+    }
+    if (pause.count() == 0 && s.limiter) {
+      const int granted = s.limiter->acquire_up_to(batch);
+      if (granted == 0) pause = std::clamp(s.limiter->wait_time(1), Millis{1}, kIdleWait);
+      else batch = granted;
+    }
+    if (pause.count() == 0) return true;
+    std::unique_lock lock(s.mutex);
+    s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); });
+    return false;
   }
 
   // ---- threads -------------------------------------------------------------------------------
@@ -446,6 +535,7 @@ struct Consumer::Impl {
         free = s.capacity() - static_cast<int>(s.outstanding.size());
       }
       if (free <= 0) continue;
+      if (!limit_fetch(s, free, st)) continue;  // protection
 
       // NoWait with an expiry (nats-server >= 2.9): the pull waits up to fetch_timeout for the
       // first message, then returns what is there, up to the free slots. A plain waiting pull
@@ -458,6 +548,8 @@ struct Consumer::Impl {
       req.Expires = to_nanos(s.fetch_timeout);
       const auto pulled_at = Clock::now();
       const natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
+      // protection: tokens for messages the pull did not bring go back to the bucket.
+      if (s.limiter) s.limiter->release(free - (status == NATS_OK ? list.Count : 0));
       if (status == NATS_OK) {
         enqueue(s, list);
         continue;
@@ -632,7 +724,9 @@ struct Consumer::Impl {
                                                 : Backoff::list(d.backoff));
     s->ack_wait = o.ack_wait.value_or(d.ack_wait);
     s->max_ack_pending = o.max_ack_pending.value_or(std::max(d.max_ack_pending, s->capacity()));
-    s->max_deliver = o.max_deliver.value_or(static_cast<int64_t>(attempts) + 2);
+    s->breaker = o.circuit_breaker;  // protection
+    s->max_deliver = o.max_deliver.value_or(static_cast<int64_t>(attempts) + 2 +
+                                            (s->breaker ? SubscriptionOptions::kDeferralAllowance : 0));
     s->in_progress_interval = o.in_progress_interval.value_or(s->ack_wait / 3);
     s->max_in_progress = o.max_in_progress.value_or(kDefaultMaxInProgress);
     s->fetch_timeout = o.fetch_timeout.value_or(d.fetch_timeout);
@@ -652,6 +746,13 @@ struct Consumer::Impl {
       throw ConfigError(f + "in_progress_interval", "must be greater than 0 and less than ack_wait");
     if (s->max_in_progress.count() <= 0) throw ConfigError(f + "max_in_progress", "must be greater than 0 ms");
     if (s->fetch_timeout.count() <= 0) throw ConfigError(f + "fetch_timeout", "must be greater than 0 ms");
+    if (o.rate_limit) {  // protection
+      try {
+        s->limiter = std::make_unique<RateLimiter>(*o.rate_limit);
+      } catch (const ConfigError& e) {
+        throw ConfigError(f + e.field(), e.rule());
+      }
+    }
 
     std::vector<Middleware> chain = middleware;
     chain.insert(chain.end(), o.middleware.begin(), o.middleware.end());
@@ -691,6 +792,10 @@ struct Consumer::Impl {
                    "backoff {}, ack_wait {} ms, max_deliver {}",
                    s->filter, s->durable, s->stream, s->concurrency, s->prefetch, s->max_attempts,
                    s->backoff->describe(), s->ack_wait.count(), s->max_deliver);
+    if (s->breaker || s->limiter)
+      logger()->info("subscription {}: circuit breaker {}, rate limit {}", s->filter,
+                     s->breaker ? s->breaker->options().name : "none",
+                     s->limiter ? fmt::format("{}/s", s->limiter->options().rate) : std::string("none"));
     return s;
   }
 
@@ -844,6 +949,9 @@ struct Consumer::Impl {
       out.running = static_cast<uint64_t>(s.running);
     }
     out.latency = s.latency.snapshot();
+    out.deferred = s.deferred;  // protection
+    if (s.breaker) out.circuit = s.breaker->stats();
+    if (s.limiter) out.rate_limit = s.limiter->stats();
     return out;
   }
 };

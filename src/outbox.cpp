@@ -37,6 +37,17 @@ void validate(const OutboxMessage& m) {
     if (!value.is_string()) {
       throw OutboxError("outbox message " + m.event_id + ": header '" + name + "' must be a string");
     }
+    // A NATS header is one text line: CR, LF or NUL cannot be published literally, so such a row
+    // is refused now rather than altered or failed later by the relay.
+    auto bad = [](char c) { return c == '\r' || c == '\n' || c == '\0'; };
+    const auto& text = value.get_ref<const std::string&>();
+    if (std::any_of(name.begin(), name.end(), [&](char c) { return bad(c) || c == ':' || c == ' ' || c == '\t'; }) ||
+        name.empty()) {
+      throw OutboxError("outbox message " + m.event_id + ": a header name is empty or has CR, LF, NUL, ':' or blanks");
+    }
+    if (std::any_of(text.begin(), text.end(), bad)) {
+      throw OutboxError("outbox message " + m.event_id + ": header '" + name + "' has a CR, LF or NUL byte in its value");
+    }
   }
   if (m.partition_key && m.partition_key->empty()) {
     throw OutboxError("outbox message " + m.event_id + ": partition_key is empty (leave it unset for no key)");

@@ -41,7 +41,7 @@ void sleep_for(std::stop_token stop, Millis d) {
 
 }  // namespace
 
-void LatencyHistogram::record(double seconds) {
+void PublishLatencyHistogram::record(double seconds) {
   size_t i = 0;
   while (i < kBounds.size() && seconds > kBounds[i]) ++i;
   counts[i]++;

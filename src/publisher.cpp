@@ -9,9 +9,11 @@
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
+#include <natspubsub/middleware.hpp>
 #include <natspubsub/subject.hpp>
 
 #include "nats_util.hpp"
+#include "printable.hpp"
 
 namespace natspubsub {
 namespace {
@@ -47,7 +49,26 @@ PublishFailure make_failure(natsStatus s, jsErrCode code, const char* server_tex
 }
 
 // Builds a natsMsg carrying the body and headers; ownership stays with the returned pointer.
+// NATS headers are text lines: a CR or LF inside a value would end the line (cnats keeps what
+// comes before it and the rest is lost or read as another header), and a NUL ends the C string
+// cnats copies. Such a header cannot be carried literally, so it is refused, never altered.
+void check_header(const RawMessage& m, const std::string& name, const std::string& value) {
+  auto bad = [](char c) { return c == '\r' || c == '\n' || c == '\0'; };
+  const bool bad_name = name.empty() || std::any_of(name.begin(), name.end(), [&](char c) {
+                          return bad(c) || c == ':' || c == ' ' || c == '\t';
+                        });
+  if (bad_name || std::any_of(value.begin(), value.end(), bad)) {
+    throw PublishError("event " + detail::printable(m.msg_id) + " to " + detail::printable(m.subject) + ": header '" +
+                           detail::printable(name) +
+                           (bad_name ? "' is not a valid header name" : "' has a CR, LF or NUL byte in its value") +
+                           " (refused: it cannot be carried literally)",
+                       static_cast<int>(NATS_INVALID_ARG));
+  }
+}
+
 detail::MsgPtr make_msg(const RawMessage& m) {
+  for (const auto& [key, value] : m.headers) check_header(m, key, value);
+  check_header(m, "Nats-Msg-Id", m.msg_id);
   natsMsg* raw = nullptr;
   detail::check(natsMsg_Create(&raw, m.subject.c_str(), nullptr, m.payload.data(), static_cast<int>(m.payload.size())),
                 "creating message for " + m.subject);
@@ -145,12 +166,17 @@ RawMessage Publisher::prepare(const std::string& topic, const nlohmann::json& me
   Envelope e = Envelope::make(topic, config.app, message);
   if (options.event_id) e.event_id = *options.event_id;
   e.message_type = options.message_type;
-  e.trace_id = options.trace_id;
+  // Inside a handler running under middleware::trace_context(), events carry its trace on.
+  const auto trace = current_trace();
+  e.trace_id = options.trace_id ? options.trace_id : trace ? std::optional<std::string>(trace->trace_id) : std::nullopt;
   raw.payload = e.encode();
   raw.msg_id = e.event_id;
   raw.headers = options.headers;
   raw.headers["topic"] = topic;
-  if (options.traceparent) raw.headers["traceparent"] = *options.traceparent;
+  if (options.traceparent)
+    raw.headers["traceparent"] = *options.traceparent;
+  else if (trace)
+    raw.headers["traceparent"] = TraceContext::child_of(*trace).traceparent();
   if (options.expected_last_sequence)
     raw.headers["Nats-Expected-Last-Sequence"] = std::to_string(*options.expected_last_sequence);
   if (options.expected_stream) raw.headers["Nats-Expected-Stream"] = *options.expected_stream;

@@ -42,3 +42,23 @@ TEST_CASE("outbox_postgres_example: the same against PostgreSQL") {
   CHECK(pg.psql("SELECT COUNT(*) FROM natspubsub_outbox", "orders") == "1");
   CHECK(pg.psql("SELECT COUNT(*) FROM payments", "orders") == "1");
 }
+
+TEST_CASE("request_reply_example: an answer and a typed remote error") {
+  testing::NatsServer server;
+  auto r = testing::run_command("NATS_URL=" + server.url() + " " NATSPUBSUB_BINARY_DIR "/examples/request_reply_example 2>&1",
+                                std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK(r.status == 0);
+  CHECK(r.output.find("12 available") != std::string::npos);
+  CHECK(r.output.find("remote error 404") != std::string::npos);
+}
+
+TEST_CASE("circuit_breaker_example: every order charged once, none dead-lettered") {
+  testing::NatsServer server;
+  auto r = testing::run_command("NATS_URL=" + server.url() + " " NATSPUBSUB_BINARY_DIR "/examples/circuit_breaker_example 2>&1",
+                                std::chrono::seconds(90));
+  INFO(r.output);
+  CHECK(r.status == 0);
+  CHECK(r.output.find("10 charged") != std::string::npos);
+  CHECK(r.output.find(" 0 dead-lettered") != std::string::npos);
+}

@@ -8,6 +8,7 @@
 #include <natspubsub/connection.hpp>
 #include <natspubsub/envelope.hpp>
 #include <natspubsub/error.hpp>
+#include <natspubsub/middleware.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/topology.hpp>
 
@@ -245,4 +246,30 @@ TEST_CASE("server killed and restarted during publish_batch: retrying failures s
   size_t missing = 0;
   for (const auto& e : batch) missing += ids.count(*e.options.event_id) == 1 ? 0 : 1;
   CHECK(missing == 0);
+}
+
+TEST_CASE("inside a trace (a handler under trace_context), events carry the trace on") {
+  testing::NatsServer server;
+  Connection c(testing::test_config(server.url(), "orders"));
+  Topology(c).ensure_events_stream();
+  Publisher p(c);
+  auto parent = TraceContext::new_root();
+  {
+    TraceScope scope(parent);
+    (void)p.publish("order.created", {{"id", 1}});
+  }
+  (void)p.publish("order.created", {{"id", 2}});  // no trace: no header
+  testing::RawNats raw(server.url());
+  auto stored = raw.read_stream("test-orders-events");
+  REQUIRE(stored.size() == 2);
+  std::string tp;
+  for (const auto& [k, v] : stored[0].headers)
+    if (k == "traceparent") tp = v;
+  auto ctx = TraceContext::parse(tp);
+  REQUIRE(ctx.has_value());
+  CHECK(ctx->trace_id == parent.trace_id);
+  CHECK(ctx->span_id != parent.span_id);
+  CHECK(Envelope::decode(stored[0].data).trace_id == parent.trace_id);
+  for (const auto& [k, v] : stored[1].headers) CHECK(k != "traceparent");
+  CHECK_FALSE(Envelope::decode(stored[1].data).trace_id.has_value());
 }

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include <doctest/doctest.h>
+#include <nats/nats.h>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/envelope.hpp>
@@ -175,8 +176,25 @@ TEST_CASE("SIGTERM mid-drain: exits 0, nothing left claimed, nothing lost; /metr
   CHECK(metrics.output.find("natspubsub_outbox_oldest_pending_age_seconds") != std::string::npos);
   CHECK(metrics.output.find("natspubsub_relay_publish_latency_seconds_bucket") != std::string::npos);
   auto health = testing::run_command("curl -s -w '\\n%{http_code}' http://127.0.0.1:" + std::to_string(metrics_port) + "/healthz");
-  CHECK(health.output.find("\"status\":\"ok\"") != std::string::npos);
+  INFO(health.output);
+  CHECK(health.output.find("\"ok\":true") != std::string::npos);
+  CHECK(health.output.find("database") != std::string::npos);
   CHECK(health.output.find("200") != std::string::npos);
+
+  // NATS service discovery, asked with a plain request as `nats micro ls` would.
+  natsMsg* reply = nullptr;
+  REQUIRE(natsConnection_RequestString(&reply, raw.nc(), "$SRV.INFO.natspubsub-relay", "", 2000) == NATS_OK);
+  auto info = nlohmann::json::parse(std::string(natsMsg_GetData(reply), static_cast<size_t>(natsMsg_GetDataLength(reply))));
+  natsMsg_Destroy(reply);
+  CHECK(info["type"] == "io.nats.micro.v1.info_response");
+  CHECK(info["name"] == "natspubsub-relay");
+  CHECK(info["metadata"]["app"] == "orders");
+  REQUIRE(natsConnection_RequestString(&reply, raw.nc(), "$SRV.STATS.natspubsub-relay", "", 2000) == NATS_OK);
+  auto stats = nlohmann::json::parse(std::string(natsMsg_GetData(reply), static_cast<size_t>(natsMsg_GetDataLength(reply))));
+  natsMsg_Destroy(reply);
+  CHECK(stats["type"] == "io.nats.micro.v1.stats_response");
+  REQUIRE(stats["endpoints"].size() == 1);
+  CHECK(stats["endpoints"][0]["num_requests"].get<uint64_t>() > 0);
 
   kill(pid, SIGTERM);
   int rc = wait_exit(pid, 15s);

@@ -11,6 +11,7 @@
 #include <natspubsub/error.hpp>
 #include <natspubsub/outbox.hpp>
 #include <natspubsub/outbox_relay.hpp>
+#include <natspubsub/service.hpp>
 #include <natspubsub/store/database.hpp>
 #include <natspubsub/store/migrations.hpp>
 #include <natspubsub/topology.hpp>
@@ -55,9 +56,9 @@ std::string prometheus(const RelayStats& s, const OutboxStats& o, const Connecti
   out << "# HELP natspubsub_relay_publish_latency_seconds Claim to acknowledgement time of published rows\n"
       << "# TYPE natspubsub_relay_publish_latency_seconds histogram\n";
   uint64_t cumulative = 0;
-  for (size_t i = 0; i < LatencyHistogram::kBounds.size(); ++i) {
+  for (size_t i = 0; i < PublishLatencyHistogram::kBounds.size(); ++i) {
     cumulative += s.publish_latency.counts[i];
-    out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"" << LatencyHistogram::kBounds[i] << "\"} "
+    out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"" << PublishLatencyHistogram::kBounds[i] << "\"} "
         << cumulative << "\n";
   }
   cumulative += s.publish_latency.counts.back();
@@ -179,34 +180,51 @@ int main(int argc, char** argv) {
   }
   auto& relay = *relay_ptr;
   try {
+    // One extra database handle for the health check and the metrics endpoint: the relay's own
+    // belongs to its thread.
+    auto side_db = store::open_database(database_url);
+    auto side_store = std::shared_ptr<OutboxStore>(make_outbox_store(*side_db));
+    auto side_mutex = std::make_shared<std::mutex>();
+    Health health(*nats);
+    health.add_check("database", [side_store, side_mutex] {
+      std::lock_guard lock(*side_mutex);
+      (void)side_store->stats();
+    });
+
+    // NATS service discovery: `$SRV.PING|INFO|STATS` list this relay and its figures.
+    Service service(*nats, {.name = "natspubsub-relay", .version = std::string(natspubsub::version()),
+                            .description = "outbox relay of " + config.app,
+                            .metadata = {{"app", config.app}, {"env", config.env}, {"database", db->description()}}});
+    service.add_endpoints([&relay, &config] {
+      auto s = relay.stats();
+      ServiceEndpoint e;
+      e.name = "outbox";
+      e.subject = config.env + "." + config.app + ".>";
+      e.num_requests = s.published;
+      e.num_errors = s.errors + s.failed;
+      e.processing_time = std::chrono::nanoseconds(static_cast<int64_t>(s.publish_latency.sum_seconds * 1e9));
+      e.data = {{"published", s.published}, {"duplicates", s.duplicates}, {"retried", s.retried},
+                {"failed", s.failed}, {"released", s.released}, {"batches", s.batches}};
+      return std::vector<ServiceEndpoint>{e};
+    });
+
     std::unique_ptr<HttpServer> metrics;
-    std::unique_ptr<store::Database> metrics_db;
     if (!metrics_addr.empty()) {
-      // The relay's database handle belongs to its thread; the metrics endpoint gets its own.
-      metrics_db = store::open_database(database_url);
-      auto metrics_store = std::shared_ptr<OutboxStore>(make_outbox_store(*metrics_db));
-      auto metrics_mutex = std::make_shared<std::mutex>();
-      metrics = std::make_unique<HttpServer>(metrics_addr, [&, metrics_store, metrics_mutex](const std::string& path) {
-        std::lock_guard lock(*metrics_mutex);
-        auto health = nats->health();
+      metrics = std::make_unique<HttpServer>(metrics_addr, [&, side_store, side_mutex](const std::string& path) {
+        if (path == "/healthz") {
+          auto report = health.readiness();  // NATS connected, JetStream answering, database answering
+          return HttpResponse{report.ok ? 200 : 503, "application/json", report.to_json().dump() + "\n"};
+        }
+        if (path != "/metrics") return HttpResponse{404, "text/plain", "not found\n"};
         bool db_ok = true;
         OutboxStats ostats;
-        std::string db_error;
         try {
-          ostats = metrics_store->stats();
-        } catch (const std::exception& e) {
+          std::lock_guard lock(*side_mutex);
+          ostats = side_store->stats();
+        } catch (const std::exception&) {
           db_ok = false;
-          db_error = e.what();
         }
-        if (path == "/metrics") return HttpResponse{200, "text/plain; version=0.0.4", prometheus(relay.stats(), ostats, health, db_ok)};
-        if (path == "/healthz") {
-          nlohmann::json j{{"nats", to_string(health.state)}, {"jetstream", health.jetstream}, {"database", db_ok}};
-          if (!db_ok) j["database_error"] = db_error;
-          bool ok = health.ready() && db_ok;
-          j["status"] = ok ? "ok" : "unavailable";
-          return HttpResponse{ok ? 200 : 503, "application/json", j.dump() + "\n"};
-        }
-        return HttpResponse{404, "text/plain", "not found\n"};
+        return HttpResponse{200, "text/plain; version=0.0.4", prometheus(relay.stats(), ostats, nats->health(), db_ok)};
       });
       spdlog::info("metrics on http://{}:{}/metrics", metrics_addr.substr(0, metrics_addr.rfind(':')), metrics->port());
     }

@@ -32,9 +32,11 @@
 #include <vector>
 
 #include <natspubsub/backoff.hpp>
+#include <natspubsub/circuit_breaker.hpp>
 #include <natspubsub/config.hpp>
 #include <natspubsub/message.hpp>
 #include <natspubsub/middleware.hpp>
+#include <natspubsub/rate_limiter.hpp>
 #include <natspubsub/stats.hpp>
 
 namespace natspubsub {
@@ -127,6 +129,22 @@ struct SubscriptionOptions {
   std::optional<Millis> fetch_timeout{};     ///< how long one pull waits; bounds stop() latency
   ErrorPolicy error_policy{};
   std::vector<Middleware> middleware{};      ///< runs inside the consumer-wide chain
+
+  // ---- protection (circuit_breaker.hpp, rate_limiter.hpp) ----
+  /// Opens after repeated handler failures (a dependency is down). While it is open the
+  /// subscription fetches nothing and NAKs what it holds with the time left until the next
+  /// probe; while half-open it fetches only probes. A failure that opens it, or happens while
+  /// it is not closed, is not counted as an attempt: the message waits instead of going to the
+  /// DLQ (such deferrals count in stats().deferred). Failures the error policy sends to the DLQ
+  /// or discards are the message's fault and never open it. With a breaker the default
+  /// max_deliver leaves room for kDeferralAllowance deferrals. Message::attempt() stays the
+  /// server's delivery count (deferrals included); Message::last_attempt() leaves them out.
+  /// Deferrals are remembered in memory: after a restart they count as attempts. May be shared.
+  std::shared_ptr<CircuitBreaker> circuit_breaker{};
+  /// At most `rate` messages per second are fetched (token bucket); handlers never sleep for it.
+  std::optional<RateLimiterOptions> rate_limit{};
+  /// Deliveries the default max_deliver adds for deferrals when a circuit breaker is set.
+  static constexpr int64_t kDeferralAllowance = 1000;
 };
 
 struct ConsumerOptions {

@@ -125,3 +125,45 @@ class PermanentError : public Error {
 };
 
 }  // namespace natspubsub
+
+namespace natspubsub {
+
+/// A responder answered a request with an error. `code()` follows the NATS service API
+/// (`Nats-Service-Error-Code`): 500 when its handler failed, 503 when it is unavailable (its
+/// circuit is open), 400 when it could not read the request; `remote_message()` is the text it
+/// sent. A handler may also throw one to answer with its own code:
+///
+///   throw natspubsub::RemoteError(404, "unknown sku " + sku);
+///   ...
+///   catch (const natspubsub::RemoteError& e) { if (e.code() == 404) ...; }
+class RemoteError : public Error {
+ public:
+  static constexpr int kHandlerFailed = 500;
+  static constexpr int kUnavailable = 503;
+  static constexpr int kBadRequest = 400;
+
+  RemoteError(int code, std::string remote_message, std::string subject = {}, std::string message_id = {})
+      : Error("remote error " + std::to_string(code) + (subject.empty() ? "" : " from " + subject) + ": " +
+              remote_message),
+        code_(code),
+        remote_message_(std::move(remote_message)),
+        subject_(std::move(subject)),
+        message_id_(std::move(message_id)) {}
+  [[nodiscard]] int code() const noexcept { return code_; }
+  /// The responder's error text, as it sent it.
+  [[nodiscard]] const std::string& remote_message() const noexcept { return remote_message_; }
+  /// The subject the request went to (empty when thrown by a handler).
+  [[nodiscard]] const std::string& subject() const noexcept { return subject_; }
+  /// The message id of the request that failed.
+  [[nodiscard]] const std::string& message_id() const noexcept { return message_id_; }
+  /// True for 503: the responder is up but refuses work for now; trying later may succeed.
+  [[nodiscard]] bool unavailable() const noexcept { return code_ == kUnavailable; }
+
+ private:
+  int code_;
+  std::string remote_message_;
+  std::string subject_;
+  std::string message_id_;
+};
+
+}  // namespace natspubsub

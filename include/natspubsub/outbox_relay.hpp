@@ -55,7 +55,7 @@ struct RelayOptions {
 };
 
 /// A histogram of publish latencies (claim to acknowledgement), in seconds, Prometheus style.
-struct LatencyHistogram {
+struct PublishLatencyHistogram {
   static constexpr std::array<double, 10> kBounds{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0};
   std::array<uint64_t, kBounds.size() + 1> counts{};  ///< last bucket: +Inf
   double sum_seconds = 0;
@@ -72,7 +72,7 @@ struct RelayStats {
   uint64_t released = 0;        ///< rows given back unpublished (connection lost, shutdown)
   uint64_t cleaned = 0;         ///< sent rows deleted by cleanup
   uint64_t errors = 0;          ///< cycles that failed (database or NATS trouble), retried later
-  LatencyHistogram publish_latency;
+  PublishLatencyHistogram publish_latency;
 };
 
 /// Borrows a Connection and a Database (both must outlive it). One relay runs on one thread.

@@ -8,8 +8,12 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <natspubsub/circuit_breaker.hpp>
+#include <natspubsub/rate_limiter.hpp>
 
 namespace natspubsub {
 
@@ -67,6 +71,10 @@ struct SubscriptionStats {
   uint64_t in_flight = 0;       ///< fetched and not settled yet (waiting or running)
   uint64_t running = 0;         ///< handlers running now
   LatencySnapshot latency;      ///< handler time, middleware included
+  // ---- protection ----
+  uint64_t deferred = 0;        ///< NAKed because the circuit was not closed: waiting, no attempt spent
+  std::optional<CircuitBreakerStats> circuit;   ///< when the subscription has a circuit breaker
+  std::optional<RateLimiterStats> rate_limit;   ///< when the subscription has a rate limit
 };
 
 }  // namespace natspubsub

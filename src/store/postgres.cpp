@@ -88,7 +88,16 @@ pqxx::result pg_exec(pqxx::transaction_base& txn, std::string_view sql, const Pa
   // statement; casts in the SQL ($1::bigint) settle ambiguous cases.
   std::vector<std::string> texts;
   texts.reserve(params.size());
-  for (const auto& p : params) texts.push_back(p.is_null() ? std::string() : p.as_text());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    texts.push_back(params[i].is_null() ? std::string() : params[i].as_text());
+    // libpq takes parameters as C strings, so a NUL byte would silently cut the value there.
+    // PostgreSQL text cannot hold NUL anyway: refuse it as the server refuses bad encoding.
+    if (texts.back().find('\0') != std::string::npos) {
+      throw DatabaseError("parameter $" + std::to_string(i + 1) +
+                              " contains a NUL byte, which PostgreSQL text cannot store [query: " + abbreviate(sql) + "]",
+                          "22021", url != nullptr ? url->scrub(std::string(sql)) : std::string(sql));
+    }
+  }
   std::vector<const char*> pointers;
   pointers.reserve(params.size());
   for (std::size_t i = 0; i < params.size(); ++i) {
