@@ -1,0 +1,158 @@
+// The outbox relay draining a backlog of pending rows (SQLite and PostgreSQL), against raw
+// async publishing of the same payloads with the same Nats-Msg-Ids: the relay's cost over the
+// network work is the claim and mark statements around each batch.
+#include <natspubsub/connection.hpp>
+#include <natspubsub/envelope.hpp>
+#include <natspubsub/outbox.hpp>
+#include <natspubsub/outbox_relay.hpp>
+#include <natspubsub/store/migrations.hpp>
+#include <natspubsub/store/postgres.hpp>
+#include <natspubsub/store/sqlite.hpp>
+
+#include <pqxx/pqxx>
+
+#include "bench.hpp"
+#include "raw_nats.hpp"
+#include "setup.hpp"
+
+namespace natspubsub::bench {
+namespace {
+
+struct Event {
+  std::string event_id;
+  std::string payload;  // the encoded envelope, as enqueue stores it
+};
+
+std::vector<Event> make_events(int n) {
+  const auto message = make_message(128);
+  std::vector<Event> events;
+  events.reserve(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    auto e = Envelope::make("relay", "bench", message);
+    events.push_back({e.event_id, e.encode()});
+  }
+  return events;
+}
+
+// Pending rows. SQLite: enqueue(), as an application writes them, in one transaction for the
+// whole backlog. PostgreSQL: COPY, because 100,000 enqueue round trips take longer than the drain
+// itself; a row with event_id, subject, payload and headers is a valid pending event either way.
+void fill_outbox(store::Database& db, const std::vector<Event>& events, const std::string& subject) {
+  const std::string headers = R"({"topic":"relay"})";
+  if (auto* sqlite = dynamic_cast<store::SqliteDatabase*>(&db)) {
+    auto tx = sqlite->begin();
+    for (const auto& e : events)
+      enqueue(tx, OutboxMessage{e.event_id, subject, e.payload, nlohmann::json::parse(headers), std::nullopt});
+    tx.commit();
+    return;
+  }
+  auto& pg = dynamic_cast<store::PostgresDatabase&>(db);
+  pqxx::work tx(pg.connection());
+  pqxx::stream_to copy(tx, "natspubsub_outbox", std::vector<std::string>{"event_id", "subject", "payload", "headers"});
+  for (const auto& e : events) copy << std::make_tuple(e.event_id, subject, e.payload, headers);
+  copy.complete();
+  tx.commit();
+}
+
+struct Backend {
+  std::string name;  // "sqlite" | "postgres"
+  std::function<std::unique_ptr<store::Database>(int run)> open;
+};
+
+Result run_relay(Context& ctx, const Backend& backend, double target) {
+  const auto& s = ctx.settings();
+  auto load = load_average();
+  const int rows = s.relay_rows;
+  Connection nats(bench_config(ctx.nats_url()));
+  const auto stream = ensure_bench_stream(nats);
+  RawNats raw(ctx.nats_url(), s.publish_window);
+  raw.purge_stream(stream);
+  const auto subject = bench_subject("relay_" + backend.name);
+  const auto raw_subject = bench_subject("raw_relay_" + backend.name);
+  std::vector<double> fill_seconds;
+  std::vector<double> lib_cpu, raw_cpu;  // this process only: PostgreSQL's own CPU is not in it
+  int run = 0;
+
+  auto library = [&](int n) {
+    auto db = backend.open(++run);
+    store::migrate(*db);
+    auto events = make_events(n);
+    auto t_fill = std::chrono::steady_clock::now();
+    fill_outbox(*db, events, subject);
+    fill_seconds.push_back(elapsed_seconds(t_fill));
+    RelayOptions o;
+    o.relay_id = "bench-relay";
+    o.publish_window = s.publish_window;
+    OutboxRelay relay(nats, *db, o);
+    const double c0 = process_cpu_seconds();
+    auto t0 = std::chrono::steady_clock::now();
+    auto handled = relay.drain();
+    const double rate = n / elapsed_seconds(t0);
+    lib_cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
+    auto st = relay.stats();
+    if (handled != static_cast<std::size_t>(n) || st.published != static_cast<uint64_t>(n))
+      throw std::runtime_error("relay " + backend.name + " published " + std::to_string(st.published) + " of " +
+                               std::to_string(n));
+    return rate;
+  };
+  auto baseline = [&](int n) {
+    auto events = make_events(n);
+    const double c0 = process_cpu_seconds();
+    auto t0 = std::chrono::steady_clock::now();
+    for (const auto& e : events) raw.publish_async(raw_subject.c_str(), e.payload, e.event_id.c_str());
+    raw.complete_async();
+    const double rate = n / elapsed_seconds(t0);
+    raw_cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
+    return rate;
+  };
+  auto [lib_runs, raw_runs] = interleave(
+      s.slow_repetitions, [&] { return library(rows); }, [&] { return baseline(rows); },
+      [&] {
+        library(std::max(500, rows / 20));
+        baseline(std::max(500, rows / 20));
+        fill_seconds.clear();
+        lib_cpu.clear();
+        raw_cpu.clear();
+      });
+  raw.purge_stream(stream);
+
+  Result r;
+  r.scenario = "relay_" + backend.name;
+  r.unit = "msgs/s";
+  r.description = "OutboxRelay::drain of " + std::to_string(rows) + " pending rows (" + backend.name +
+                  ", batch 500, window " + std::to_string(s.publish_window) +
+                  ", mark sent) vs js_PublishMsgAsync of the same payloads";
+  r.library_runs = lib_runs;
+  r.baseline_runs = raw_runs;
+  r.target = {Target::Kind::ratio_at_least, target};
+  r.load_avg = load;
+  r.extra = {{"count", rows}, {"body_bytes", make_events(1).front().payload.size()},
+             {"fill_seconds_median", median(fill_seconds)},
+             {"library_cpu_us_per_msg", median(lib_cpu)},
+             {"baseline_cpu_us_per_msg", median(raw_cpu)}};
+  return r;
+}
+
+std::vector<Result> run_relay_sqlite(Context& ctx) {
+  Backend b{"sqlite", [&ctx](int run) -> std::unique_ptr<store::Database> {
+              return std::make_unique<store::SqliteDatabase>(ctx.scratch_path("relay") + "/outbox-" +
+                                                            std::to_string(run) + ".db");
+            }};
+  return {run_relay(ctx, b, 0.6)};
+}
+
+std::vector<Result> run_relay_postgres(Context& ctx) {
+  Backend b{"postgres", [&ctx](int run) -> std::unique_ptr<store::Database> {
+              return std::make_unique<store::PostgresDatabase>(
+                  ctx.postgres().create_database("relay_" + std::to_string(run)));
+            }};
+  return {run_relay(ctx, b, 0.5)};
+}
+
+}  // namespace
+
+std::vector<ScenarioGroup> relay_scenarios() {
+  return {{"relay_sqlite", {"relay_sqlite"}, run_relay_sqlite}, {"relay_postgres", {"relay_postgres"}, run_relay_postgres}};
+}
+
+}  // namespace natspubsub::bench
