@@ -24,6 +24,9 @@
 namespace natspubsub {
 namespace {
 
+using detail::body_of;
+using detail::read_headers;
+
 using Clock = std::chrono::steady_clock;
 
 constexpr Millis kDefaultMaxInProgress{600000};
@@ -53,30 +56,6 @@ struct Counters {
   std::atomic<uint64_t> received{0}, acked{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0},
       max_deliveries{0}, handler_errors{0}, nacked_on_stop{0}, ack_failures{0}, dlq_failures{0};
 };
-
-Headers read_headers(natsMsg* msg) {
-  Headers out;
-  const char** keys = nullptr;
-  int count = 0;
-  if (natsMsgHeader_Keys(msg, &keys, &count) != NATS_OK) return out;
-  for (int i = 0; i < count; ++i) {
-    const char** values = nullptr;
-    int n = 0;
-    if (natsMsgHeader_Values(msg, keys[i], &values, &n) != NATS_OK) continue;
-    std::string joined;
-    for (int k = 0; k < n; ++k) joined += (k ? ", " : "") + std::string(values[k] != nullptr ? values[k] : "");
-    out[keys[i]] = std::move(joined);
-    std::free(static_cast<void*>(values));  // the array is ours, the strings stay the message's
-  }
-  std::free(static_cast<void*>(keys));
-  return out;
-}
-
-std::string body_of(natsMsg* msg) {
-  const char* data = natsMsg_GetData(msg);
-  const int len = natsMsg_GetDataLength(msg);
-  return data != nullptr && len > 0 ? std::string(data, static_cast<size_t>(len)) : std::string();
-}
 
 std::string event_id_of(const std::string& body, const Headers& headers) {
   try {

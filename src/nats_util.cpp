@@ -1,6 +1,32 @@
 #include "nats_util.hpp"
 
+#include <cstdlib>
+
 namespace natspubsub::detail {
+
+std::map<std::string, std::string> read_headers(natsMsg* msg) {
+  std::map<std::string, std::string> out;
+  const char** keys = nullptr;
+  int count = 0;
+  if (natsMsgHeader_Keys(msg, &keys, &count) != NATS_OK) return out;
+  for (int i = 0; i < count; ++i) {
+    const char** values = nullptr;
+    int n = 0;
+    if (natsMsgHeader_Values(msg, keys[i], &values, &n) != NATS_OK) continue;
+    std::string joined;
+    for (int k = 0; k < n; ++k) joined += (k ? ", " : "") + std::string(values[k] != nullptr ? values[k] : "");
+    out[keys[i]] = std::move(joined);
+    std::free(static_cast<void*>(values));  // the array is ours, the strings stay the message's
+  }
+  std::free(static_cast<void*>(keys));
+  return out;
+}
+
+std::string body_of(natsMsg* msg) {
+  const char* data = natsMsg_GetData(msg);
+  const int len = natsMsg_GetDataLength(msg);
+  return data != nullptr && len > 0 ? std::string(data, static_cast<size_t>(len)) : std::string();
+}
 
 std::string last_error_text(natsStatus status) {
   natsStatus last = NATS_OK;

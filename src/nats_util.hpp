@@ -1,6 +1,7 @@
 #pragma once
 // Internal glue over cnats: ownership of its objects and the status -> exception mapping.
 // Not installed.
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -39,6 +40,12 @@ std::string last_error_text(natsStatus status);
 inline void check(natsStatus status, std::string_view context, jsErrCode js_code = static_cast<jsErrCode>(0)) {
   if (status != NATS_OK) throw_status(status, context, js_code);
 }
+
+/// Every header; repeated values of one key are joined with ", ".
+std::map<std::string, std::string> read_headers(natsMsg* msg);
+
+/// The body as a string (empty when there is none).
+std::string body_of(natsMsg* msg);
 
 /// Reads a header value (empty when absent).
 std::string header(natsMsg* msg, const char* key);

@@ -18,6 +18,9 @@
 namespace natspubsub {
 namespace {
 
+using detail::body_of;
+using detail::read_headers;
+
 constexpr const char* kServiceErrorHeader = "Nats-Service-Error";
 constexpr const char* kServiceErrorCodeHeader = "Nats-Service-Error-Code";
 // Error texts are cut to this many bytes: they travel in a header and end up in logs.
@@ -26,30 +29,6 @@ constexpr std::size_t kMaxErrorText = 1024;
 thread_local std::optional<std::string> tls_correlation_id;
 
 using Clock = std::chrono::steady_clock;
-
-Headers read_headers(natsMsg* msg) {
-  Headers out;
-  const char** keys = nullptr;
-  int count = 0;
-  if (natsMsgHeader_Keys(msg, &keys, &count) != NATS_OK) return out;
-  for (int i = 0; i < count; ++i) {
-    const char** values = nullptr;
-    int n = 0;
-    if (natsMsgHeader_Values(msg, keys[i], &values, &n) != NATS_OK) continue;
-    std::string joined;
-    for (int k = 0; k < n; ++k) joined += (k ? ", " : "") + std::string(values[k] != nullptr ? values[k] : "");
-    out[keys[i]] = std::move(joined);
-    std::free(static_cast<void*>(values));  // the array is ours, the strings stay the message's
-  }
-  std::free(static_cast<void*>(keys));
-  return out;
-}
-
-std::string body_of(natsMsg* msg) {
-  const char* data = natsMsg_GetData(msg);
-  const int len = natsMsg_GetDataLength(msg);
-  return data != nullptr && len > 0 ? std::string(data, static_cast<size_t>(len)) : std::string();
-}
 
 std::string find_header(const Headers& headers, std::string_view name) {
   if (auto it = headers.find(std::string(name)); it != headers.end()) return it->second;
