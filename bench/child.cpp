@@ -51,6 +51,7 @@ int consume_child(const std::map<std::string, std::string>& f) {
     o.durable = durable;
     o.concurrency = t.concurrency;
     o.prefetch = t.prefetch;
+    o.fetch_timeout = kFetchExpiry;
     result = library_consume(nats, topic, count, o, [](const Message&) {});
   } else if (side == "raw") {
     RawNats raw(url);

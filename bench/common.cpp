@@ -21,12 +21,12 @@ Settings Settings::quick_run() {
   s.slow_repetitions = 3;
   s.publish_sync_count = 200;
   s.publish_batch_count = 2000;
-  s.relay_rows = 2000;
-  s.consume_count = 2000;
-  s.inbox_count = 300;
+  s.relay_rows = 1500;
+  s.consume_count = 1500;
+  s.inbox_count = 200;
   s.latency_seconds = 1;
-  s.memory_backlog = 20000;
-  s.memory_small_backlog = 5000;
+  s.memory_backlog = 10000;
+  s.memory_small_backlog = 2000;
   return s;
 }
 

@@ -11,6 +11,11 @@ namespace natspubsub::bench {
 
 /// How both sides consume a backlog: the library's worker pool and prefetch, and the raw loop's
 /// batch. Both ask the server for the same number of messages per pull.
+/// How long one pull waits for a first message, both sides. Shorter than the library's default
+/// (1 s) only so that stopping a consumer between runs is quick: with messages waiting, or
+/// arriving every 0.5 ms, a pull never waits this long.
+constexpr Millis kFetchExpiry{250};
+
 struct ConsumeTuning {
   int concurrency = 4;  ///< the library's default worker count
   int prefetch = 60;    ///< so that a pull asks for up to 64, like the raw loop

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -21,7 +22,7 @@
 namespace natspubsub::bench {
 namespace {
 
-constexpr const char* kUsage = R"(usage: natspubsub-bench [--quick] [--json] [--only NAME[,NAME...]] [--repetitions N] [--list]
+constexpr const char* kUsage = R"(usage: natspubsub-bench [--quick] [--json] [--save FILE] [--only NAME[,NAME...]] [--repetitions N] [--list]
 
 Starts its own nats-server (and PostgreSQL for the database scenarios) on 127.0.0.1, runs each
 scenario with the library and with the equivalent raw cnats code, interleaved, and reports the
@@ -29,6 +30,7 @@ medians and the ratio library/baseline.
 
   --quick           small counts (seconds); the issue's sizes otherwise
   --json            one JSON object per scenario per line on stdout (progress goes to stderr)
+  --save FILE       also write those JSON lines to FILE (with the table on stdout)
   --only LIST       only these scenario groups or scenarios (see --list)
   --repetitions N   repetitions per side (default 5, 3 for the slow scenarios)
   --list            print the scenario names and exit
@@ -119,6 +121,7 @@ int run(int argc, char** argv) {
   bool json = false;
   bool list = false;
   int repetitions = 0;
+  std::string save;
   std::set<std::string> only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -130,6 +133,7 @@ int run(int argc, char** argv) {
     else if (a == "--json") json = true;
     else if (a == "--list") list = true;
     else if (a == "--repetitions") repetitions = std::stoi(value());
+    else if (a == "--save") save = value();
     else if (a == "--only") {
       std::stringstream names(value());
       for (std::string n; std::getline(names, n, ',');)
@@ -157,6 +161,11 @@ int run(int argc, char** argv) {
   const auto load_start = load_average();
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<Result> results;
+  std::ofstream saved;
+  if (!save.empty()) {
+    saved.open(save, std::ios::trunc);
+    if (!saved) throw std::runtime_error("cannot write " + save);
+  }
   {
     Context ctx(settings);
     for (const auto& g : groups) {
@@ -168,7 +177,9 @@ int run(int argc, char** argv) {
       for (auto& r : g.run(ctx)) {
         r.library = median(r.library_runs);
         r.baseline = median(r.baseline_runs);
-        if (json) std::cout << to_json(r, machine, quick).dump() << std::endl;
+        const auto line = to_json(r, machine, quick).dump();
+        if (json) std::cout << line << std::endl;
+        if (saved.is_open()) saved << line << std::endl;
         results.push_back(std::move(r));
       }
       std::cerr << "natspubsub-bench: " << g.name << " done in " << static_cast<int>(elapsed_seconds(tg)) << " s"

@@ -30,10 +30,10 @@ std::vector<Result> run_publish(Context& ctx) {
   const auto raw_subject = bench_subject("raw_sync");
   int run = 0;
   std::vector<double> lib_cpu, raw_cpu;  // client CPU per message, this process only
-  auto timed = [](std::vector<double>& cpu, int n, auto&& body) {
+  auto timed = [](std::vector<double>& cpu, int n, auto&& work) {
     const double c0 = process_cpu_seconds();
     auto t0 = std::chrono::steady_clock::now();
-    body();
+    work();
     const double rate = n / elapsed_seconds(t0);
     cpu.push_back((process_cpu_seconds() - c0) * 1e6 / n);
     return rate;
