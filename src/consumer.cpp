@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -53,9 +54,102 @@ struct Delivery {
 using DeliveryPtr = std::shared_ptr<Delivery>;
 
 struct Counters {
-  std::atomic<uint64_t> received{0}, acked{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0},
-      max_deliveries{0}, handler_errors{0}, nacked_on_stop{0}, ack_failures{0}, dlq_failures{0};
+  // acked and ack_failures are counted by the subscription's AckTracker.
+  std::atomic<uint64_t> received{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0}, max_deliveries{0},
+      handler_errors{0}, nacked_on_stop{0}, dlq_failures{0};
 };
+
+// Acks are pipelined: each "+ACK" goes out with a reply subject under one wildcard inbox and the
+// worker moves on; the server's answer, arriving on cnats' delivery thread, counts the message as
+// acked. An answer that does not come within the JetStream timeout counts as an ack failure (the
+// message will be delivered again). One request-reply round trip per message used to hold a
+// worker for the whole round trip; this keeps the same meaning of "acked" (the server confirmed
+// it) without the wait. Shared with the delivery thread through the subscription's holder, so a
+// late answer after stop() still finds it alive.
+struct AckTracker {
+  struct Pending {
+    std::string event_id;
+    uint64_t sequence = 0;
+    Clock::time_point deadline;
+  };
+
+  std::string durable;
+  std::string inbox;  // replies arrive on inbox + ".<id>"
+  Millis timeout{0};
+  std::atomic<uint64_t> confirmed{0}, failed{0};
+
+  std::mutex mutex;
+  std::condition_variable empty;
+  std::unordered_map<uint64_t, Pending> pending;
+  uint64_t next_id = 0;
+
+  // Registers an ack about to be sent; returns its reply subject.
+  std::string add(std::string event_id, uint64_t sequence) {
+    std::lock_guard lock(mutex);
+    const uint64_t id = ++next_id;
+    pending.emplace(id, Pending{std::move(event_id), sequence, Clock::now() + timeout});
+    return inbox + "." + std::to_string(id);
+  }
+
+  // The answer for `subject` (or the send for it failed: `ok` false).
+  void settle(const char* subject, bool ok, const char* why) {
+    const size_t prefix = inbox.size() + 1;
+    if (subject == nullptr || std::strlen(subject) <= prefix) return;
+    const uint64_t id = std::strtoull(subject + prefix, nullptr, 10);
+    Pending p;
+    {
+      std::lock_guard lock(mutex);
+      auto it = pending.find(id);
+      if (it == pending.end()) return;  // already expired
+      p = std::move(it->second);
+      pending.erase(it);
+      if (pending.empty()) empty.notify_all();
+    }
+    if (ok) {
+      confirmed++;
+    } else {
+      failed++;
+      logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", durable, p.event_id,
+                     p.sequence, why);
+    }
+  }
+
+  // Acks unanswered past their deadline (all of them with `all`) count as failures.
+  void expire(Clock::time_point now, bool all) {
+    std::vector<Pending> late;
+    {
+      std::lock_guard lock(mutex);
+      for (auto it = pending.begin(); it != pending.end();) {
+        if (all || it->second.deadline <= now) {
+          late.push_back(std::move(it->second));
+          it = pending.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (pending.empty()) empty.notify_all();
+    }
+    failed += late.size();
+    for (const auto& p : late)
+      logger()->warn("{}: ack of {} (seq {}) not confirmed within {} ms; it will be delivered again", durable,
+                     p.event_id, p.sequence, timeout.count());
+  }
+
+  // Waits until every ack sent so far was answered, or until `until`.
+  bool wait_all(Clock::time_point until) {
+    std::unique_lock lock(mutex);
+    return empty.wait_until(lock, until, [&] { return pending.empty(); });
+  }
+};
+
+void on_ack_reply(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
+  auto& tracker = **static_cast<std::shared_ptr<AckTracker>*>(closure);
+  const bool refused = natsMsg_IsNoResponders(msg);
+  tracker.settle(natsMsg_GetSubject(msg), !refused, "no responders (the consumer is gone)");
+  natsMsg_Destroy(msg);
+}
+
+void on_ack_replies_complete(void* closure) { delete static_cast<std::shared_ptr<AckTracker>*>(closure); }
 
 std::string event_id_of(const std::string& body, const Headers& headers) {
   try {
@@ -134,6 +228,8 @@ struct Subscription {
 
   detail::SubscriptionPtr pull;
   detail::SubscriptionPtr advisory;
+  std::shared_ptr<AckTracker> acks = std::make_shared<AckTracker>();
+  detail::SubscriptionPtr ack_replies;  // wildcard on acks->inbox
 
   std::mutex mutex;
   std::condition_variable cv;
@@ -208,24 +304,20 @@ struct Consumer::Impl {
     return true;
   }
 
+  // Sends "+ACK" with a reply subject and returns at once; "acked" in the stats counts when the
+  // server's answer arrives (AckTracker).
   void ack(Subscription& s, Delivery& d, const Message& m) {
+    std::string reply_to;
     natsStatus status = NATS_OK;
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    const bool sent = settle(d, [&](natsMsg* msg) {
-      jsOptions o;
-      jsOptions_Init(&o);
-      o.Wait = config.connection.jetstream_timeout.count();
-      // Synchronous: "acked" in the stats means the server has it, not that we sent it.
-      status = natsMsg_AckSync(msg, &o, &jerr);
+    settle(d, [&](natsMsg* msg) {
+      const char* ack_subject = natsMsg_GetReply(msg);
+      reply_to = s.acks->add(m.envelope.event_id, m.metadata.stream_sequence);
+      status = ack_subject == nullptr ? NATS_INVALID_SUBJECT
+                                      : natsConnection_PublishRequestString(connection->native(), ack_subject,
+                                                                            reply_to.c_str(), "+ACK");
     });
-    if (!sent) return;
-    if (status == NATS_OK) {
-      s.counters.acked++;
-    } else {
-      s.counters.ack_failures++;
-      logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", s.durable,
-                     m.envelope.event_id, m.metadata.stream_sequence, detail::last_error_text(status));
-    }
+    if (!reply_to.empty() && status != NATS_OK)
+      s.acks->settle(reply_to.c_str(), false, detail::last_error_text(status).c_str());
   }
 
   bool nak(Delivery& d, Millis delay) {
@@ -567,6 +659,7 @@ struct Consumer::Impl {
       const auto now = Clock::now();
       for (auto& sp : subs) {
         auto& s = *sp;
+        s.acks->expire(now, false);
         std::vector<DeliveryPtr> current;
         {
           std::lock_guard lock(s.mutex);
@@ -758,6 +851,27 @@ struct Consumer::Impl {
     s->pull.reset(pull);
     detail::check(status, "binding to consumer " + s->durable + " on stream " + s->stream, jerr);
 
+    s->acks->durable = s->durable;
+    s->acks->timeout = config.connection.jetstream_timeout;
+    {
+      natsInbox* inbox = nullptr;
+      status = natsInbox_Create(&inbox);
+      detail::check(status, "creating the ack inbox of " + s->durable);
+      s->acks->inbox = inbox;
+      natsInbox_Destroy(inbox);
+      const std::string wildcard = s->acks->inbox + ".*";
+      auto* holder = new std::shared_ptr<AckTracker>(s->acks);
+      natsSubscription* replies = nullptr;
+      status = natsConnection_Subscribe(&replies, connection->native(), wildcard.c_str(), on_ack_reply, holder);
+      if (status != NATS_OK) {
+        delete holder;  // no subscription, so no completion callback will free it
+        detail::check(status, "subscribing to the ack answers of " + s->durable);
+      }
+      s->ack_replies.reset(replies);
+      if (natsSubscription_SetOnCompleteCB(replies, on_ack_replies_complete, holder) != NATS_OK)
+        logger()->warn("{}: completion callback not set; a few bytes stay allocated", s->durable);
+    }
+
     if (options.capture_max_deliveries) {
       // A queue group: of all instances sharing the durable, one handles each advisory.
       const std::string subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + s->stream + "." + s->durable;
@@ -893,9 +1007,15 @@ struct Consumer::Impl {
     }
     ticker = std::jthread();
 
-    // 7. Acks and NAKs are on the wire before the subscriptions go; the durables stay.
+    // 7. Acks and NAKs are on the wire before the subscriptions go; the durables stay. The
+    // server's answers to the acks are awaited as a synchronous ack would have been: up to the
+    // JetStream timeout.
     if (connection->native() != nullptr) natsConnection_FlushTimeout(connection->native(), kFlushTimeout.count());
+    const auto answers_by = Clock::now() + config.connection.jetstream_timeout;
     for (auto& s : subs) {
+      s->acks->wait_all(answers_by);
+      s->acks->expire(Clock::now(), true);
+      s->ack_replies.reset();
       s->advisory.reset();
       s->pull.reset();
     }
@@ -912,7 +1032,7 @@ struct Consumer::Impl {
     out.stream = s.stream;
     const auto& c = s.counters;
     out.received = c.received;
-    out.acked = c.acked;
+    out.acked = s.acks->confirmed;
     out.retried = c.retried;
     out.dead_lettered = c.dead_lettered;
     out.discarded = c.discarded;
@@ -920,7 +1040,7 @@ struct Consumer::Impl {
     out.max_deliveries = c.max_deliveries;
     out.handler_errors = c.handler_errors;
     out.nacked_on_stop = c.nacked_on_stop;
-    out.ack_failures = c.ack_failures;
+    out.ack_failures = s.acks->failed;
     out.dlq_failures = c.dlq_failures;
     {
       std::lock_guard lock(s.mutex);

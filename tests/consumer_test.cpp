@@ -233,6 +233,48 @@ TEST_CASE("success: the handler sees the envelope and metadata, the message is a
   CHECK(Topology(f.connection).consumer_exists(kEvents, kCreatedDurable));  // the durable stays
 }
 
+TEST_CASE("acked counts the server's answers: an ack nobody answers is an ack failure, not an ack") {
+  OrdersFixture f;
+  Consumer consumer(f.connection);
+  std::atomic<int> handled{0};
+  // The handler deletes the durable under itself: its ack then reaches no consumer, and the
+  // server answers "no responders" instead of confirming it.
+  consumer.subscribe("order.created", [&](const Message&) {
+    if (handled++ == 0) {
+      jsErrCode jerr = static_cast<jsErrCode>(0);
+      REQUIRE(js_DeleteConsumer(f.raw.js(), kEvents, kCreatedDurable, nullptr, &jerr) == NATS_OK);
+    }
+  });
+  consumer.start();
+  f.publish("order.created", {{"order_id", 1}});
+  REQUIRE(wait_until([&] { return consumer.stats(kCreatedDurable).ack_failures == 1; }, 5000ms));
+  auto st = consumer.stats(kCreatedDurable);
+  CHECK(handled == 1);
+  CHECK(st.acked == 0);
+  CHECK(st.ack_failures == 1);
+  consumer.stop(Millis{2000});
+}
+
+TEST_CASE("after stop() every ack is answered: acked equals the server's ack floor") {
+  OrdersFixture f;
+  constexpr int kCount = 500;
+  std::vector<OutgoingEvent> events;
+  for (int i = 0; i < kCount; ++i) events.push_back(OutgoingEvent{"order.created", {{"order_id", i}}, {}});
+  f.publisher.publish_batch(events);
+  Consumer consumer(f.connection);
+  std::atomic<int> handled{0};
+  consumer.subscribe("order.created", [&](const Message&) { handled++; }, {.concurrency = 8});
+  consumer.start();
+  REQUIRE(wait_until([&] { return handled.load() == kCount; }, 20000ms));
+  consumer.stop(Millis{5000});  // returns once the answers to the last acks are in
+  auto st = consumer.stats(kCreatedDurable);
+  CHECK(st.acked == kCount);
+  CHECK(st.ack_failures == 0);
+  auto state = consumer_state(f.raw, kEvents, kCreatedDurable);
+  CHECK(state.ack_pending == 0);
+  CHECK(state.ack_floor == kCount);
+}
+
 TEST_CASE("a handler that fails twice then succeeds: 3 deliveries, spaced by the backoff delays") {
   OrdersFixture f;
   AckTap acks(f.raw, kEvents, kCreatedDurable);
