@@ -232,7 +232,8 @@ struct Subscription {
   detail::SubscriptionPtr ack_replies;  // wildcard on acks->inbox
 
   std::mutex mutex;
-  std::condition_variable cv;
+  std::condition_variable cv;       // the fetcher and stop(): a slot freed, a worker finished
+  std::condition_variable work_cv;  // workers: a message queued, or stop
   std::deque<DeliveryPtr> queue;     // fetched, not started
   std::set<DeliveryPtr> outstanding;  // fetched, not finished (queued or running)
   int running = 0;
@@ -256,6 +257,13 @@ struct Subscription {
   std::vector<std::jthread> workers;
 
   [[nodiscard]] int capacity() const { return concurrency + prefetch; }
+  // Under `mutex`. The fetcher pulls once half the slots are free, or as soon as one is free and
+  // no fetched message is waiting for a worker: fewer, larger pulls while a backlog is worked
+  // off, no delay for a worker about to go idle.
+  [[nodiscard]] bool wants_fetch() const {
+    const int free = capacity() - static_cast<int>(outstanding.size());
+    return free > 0 && (free >= std::max(1, capacity() / 2) || queue.empty());
+  }
 };
 
 }  // namespace
@@ -286,6 +294,7 @@ struct Consumer::Impl {
       s->advisor = std::jthread();
       for (auto& w : s->workers) w.request_stop();
       s->cv.notify_all();
+      s->work_cv.notify_all();
       s->workers.clear();
     }
     subs.clear();
@@ -550,7 +559,8 @@ struct Consumer::Impl {
       DeliveryPtr d;
       {
         std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested() || (s.accepting && !s.queue.empty()); });
+        s.work_cv.wait_for(lock, kIdleWait,
+                           [&] { return st.stop_requested() || (s.accepting && !s.queue.empty()); });
         if (st.stop_requested()) return;
         if (!s.accepting || s.queue.empty()) continue;
         d = std::move(s.queue.front());
@@ -564,17 +574,20 @@ struct Consumer::Impl {
         logger()->error("{}: unexpected {} while processing a message; NAKed", s.durable, current_exception_class());
         nak(*d, s.backoff->delay(1));
       }
+      bool wake = false;
       {
         std::lock_guard lock(s.mutex);
         s.running--;
         s.outstanding.erase(d);
+        wake = s.running == 0 || !s.accepting || s.wants_fetch();  // the fetcher, or stop()
       }
-      s.cv.notify_all();
+      if (wake) s.cv.notify_all();
     }
   }
 
   void enqueue(Subscription& s, natsMsgList& list) {
     const auto now = Clock::now();
+    const int list_count = list.Count;
     {
       std::lock_guard lock(s.mutex);
       for (int i = 0; i < list.Count; ++i) {
@@ -590,7 +603,11 @@ struct Consumer::Impl {
       }
     }
     natsMsgList_Destroy(&list);
-    s.cv.notify_all();
+    // Wake as many workers as there are new messages, not every thread of the subscription.
+    if (list_count == 1)
+      s.work_cv.notify_one();
+    else if (list_count > 1)
+      s.work_cv.notify_all();
   }
 
   void fetch_loop(Subscription& s, std::stop_token st) {
@@ -599,9 +616,7 @@ struct Consumer::Impl {
       int free = 0;
       {
         std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kIdleWait, [&] {
-          return st.stop_requested() || static_cast<int>(s.outstanding.size()) < s.capacity();
-        });
+        s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested() || s.wants_fetch(); });
         if (st.stop_requested()) break;
         free = s.capacity() - static_cast<int>(s.outstanding.size());
       }
@@ -932,6 +947,7 @@ struct Consumer::Impl {
       s->fetcher.request_stop();
       s->advisor.request_stop();
       s->cv.notify_all();
+      s->work_cv.notify_all();
     }
     for (auto& s : subs) {
       if (s->fetcher.joinable()) s->fetcher.join();
@@ -961,6 +977,7 @@ struct Consumer::Impl {
         }
       }
       s->cv.notify_all();
+      s->work_cv.notify_all();
     }
 
     // 4. Running handlers finish (and ack or NAK) until the deadline.
@@ -999,6 +1016,7 @@ struct Consumer::Impl {
     for (auto& s : subs) {
       for (auto& w : s->workers) w.request_stop();
       s->cv.notify_all();
+      s->work_cv.notify_all();
     }
     if (!workers_stuck) {
       for (auto& s : subs)
