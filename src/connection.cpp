@@ -209,6 +209,11 @@ Connection::Connection(const Config& config, ConnectionEvents events) : impl_(st
     if (s == NATS_CONNECTION_AUTH_FAILED)
       throw AuthError("NATS refused the credentials for " + servers + ": " + detail, s);
     if (s == NATS_SSL_ERROR) throw ConnectionError("TLS handshake with " + servers + " failed: " + detail, s);
+    // A server that requires client certificates drops a client without one right after the
+    // handshake; cnats then only says it got no PONG. Name the likely cause.
+    if (tls && c.tls.cert_file.empty() && detail.find("PONG") != std::string::npos)
+      detail += " (the server closed the TLS connection; if it requires client certificates, set tls.cert_file "
+                "and tls.key_file)";
     throw ConnectionError("cannot connect to NATS at " + servers + ": " + detail, s);
   }
   impl_->nc.reset(raw_nc);
