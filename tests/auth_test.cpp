@@ -4,9 +4,11 @@
 // AuthError whose message says what failed without containing the secret; and no secret reaches a
 // log line at any level (checked with a capturing spdlog sink), also from the relay worker.
 //
-// The nkey pair and the operator/account/user JWTs below are the public test fixtures of the NATS
-// Go client (nats.go, nats_test.go "Trust Server Tests"): published test keys, not secrets. The
-// nk and nsc tools are not installed here, and these fixtures have no expiry.
+// The nkey test uses pairs generated for the run (tests/support/nkeys: openssl Ed25519 + the nkey
+// encoding). The creds test needs an operator, an account and a user JWT signed by them, which
+// only nsc makes (not installed here): it uses the public test fixtures of the NATS Go client
+// (nats.go, nats_test.go "Trust Server Tests"): published test keys, not secrets, without expiry.
+// The fixture user pair also checks the nkey encoder against an independent one.
 #include <nats/nats.h>
 
 #include <chrono>
@@ -23,6 +25,7 @@
 
 #include "support/log_capture.hpp"
 #include "support/nats_helpers.hpp"
+#include "support/nkeys.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
@@ -117,18 +120,33 @@ TEST_CASE("token: right works, wrong is a clear AuthError; neither reaches a log
   check_no_secret(logs.text(), {"tok-Wrong-9d0a47", "tok-Right-0c55e1"});
 }
 
+TEST_CASE("the test's nkey encoder agrees with the published nats.go fixture pair") {
+  testing::TempDir dir;
+  CHECK(testing::user_public_key_of(kUserSeed, dir) == kUserPublic);
+  auto fresh = testing::generate_user_nkey(dir);
+  CHECK(fresh.seed.size() == 58);
+  CHECK(fresh.seed.rfind("SU", 0) == 0);
+  CHECK(fresh.public_key.size() == 56);
+  CHECK(fresh.public_key.rfind("U", 0) == 0);
+  CHECK(testing::user_public_key_of(fresh.seed, dir) == fresh.public_key);
+  CHECK(testing::generate_user_nkey(dir).seed != fresh.seed);
+}
+
 TEST_CASE("nkey: the right seed works, another seed is a clear AuthError; no seed reaches a log line") {
   testing::LogCapture logs;
-  testing::NatsServer::Options o;
-  o.extra_config = std::string("authorization {\n  users = [ { nkey: \"") + kUserPublic + "\" } ]\n}\n";
-  testing::NatsServer server(o);
   testing::TempDir dir;
+  // Pairs made for this run (openssl Ed25519, nkey encoding), not published ones.
+  const auto user = testing::generate_user_nkey(dir);
+  const auto other = testing::generate_user_nkey(dir);
+  testing::NatsServer::Options o;
+  o.extra_config = "authorization {\n  users = [ { nkey: \"" + user.public_key + "\" } ]\n}\n";
+  testing::NatsServer server(o);
   auto config = testing::test_config(server.url(), "orders");
-  config.credentials.nkey_public_key = kUserPublic;
-  config.credentials.nkey_seed_file = write_file(dir, "wrong.nk", kOtherSeed);
-  expect_auth_error(config, {kOtherSeed, kUserSeed});
+  config.credentials.nkey_public_key = user.public_key;
+  config.credentials.nkey_seed_file = write_file(dir, "wrong.nk", other.seed);
+  expect_auth_error(config, {other.seed, user.seed});
 
-  config.credentials.nkey_seed_file = write_file(dir, "user.nk", kUserSeed);
+  config.credentials.nkey_seed_file = write_file(dir, "user.nk", user.seed);
   Connection c(config);
   Topology(c).ensure_events_stream();
   CHECK(Publisher(c).publish("order.created", {{"id", 1}}).sequence == 1);
@@ -142,7 +160,7 @@ TEST_CASE("nkey: the right seed works, another seed is a clear AuthError; no see
     MESSAGE("garbage seed file: " << std::string(e.what()));
     CHECK(std::string(e.what()).find("not-a-seed-Zq81") == std::string::npos);
   }
-  check_no_secret(logs.text(), {kOtherSeed, kUserSeed, "not-a-seed-Zq81"});
+  check_no_secret(logs.text(), {other.seed, user.seed, "not-a-seed-Zq81"});
 }
 
 TEST_CASE("creds file (operator mode, user JWT + seed): right works, a wrong seed is a clear AuthError") {
