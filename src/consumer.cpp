@@ -282,7 +282,8 @@ struct Consumer::Impl {
   bool started = false;
   bool workers_stuck = false;  // some handler outlived the stop deadline: joined in the destructor
 
-  std::vector<std::unique_ptr<Subscription>> subs;
+  std::vector<std::unique_ptr<Subscription>> subs;  // set once by start(), then only read
+  std::atomic<bool> subs_ready{false};              // stats() may read `subs` (set after it)
   std::jthread ticker;  // +WPI for every outstanding message
 
   ~Impl() {
@@ -922,6 +923,7 @@ struct Consumer::Impl {
     for (const auto& r : registrations) prepared.push_back(prepare(topology, r));  // throws: nothing started yet
 
     subs = std::move(prepared);
+    subs_ready.store(true, std::memory_order_release);
     started = true;
     running = true;
     for (auto& sp : subs) {
@@ -1116,11 +1118,14 @@ bool Consumer::running() const noexcept { return impl_->running.load(); }
 
 std::vector<SubscriptionStats> Consumer::stats() const {
   std::vector<SubscriptionStats> out;
+  if (!impl_->subs_ready.load(std::memory_order_acquire)) return out;  // before start(): nothing yet
   for (const auto& s : impl_->subs) out.push_back(impl_->stats_of(*s));
   return out;
 }
 
 SubscriptionStats Consumer::stats(std::string_view durable) const {
+  if (!impl_->subs_ready.load(std::memory_order_acquire))
+    throw ConfigError("durable", "no running subscription has durable \"" + std::string(durable) + "\" (not started)");
   for (const auto& s : impl_->subs) {
     if (s->durable == durable) return impl_->stats_of(*s);
   }
