@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -213,6 +214,9 @@ struct Subscription {
   std::string filter;
   std::string durable;
   std::string stream;
+  // Set on a replay subscription: the durable whose replays it reads (natspubsub-dlq replay).
+  // Its messages are shown to the handler, the inbox and the DLQ under that durable's name.
+  std::string replay_of;
   int concurrency = 1;
   int prefetch = 0;
   uint64_t max_attempts = 1;
@@ -257,6 +261,8 @@ struct Subscription {
   std::vector<std::jthread> workers;
 
   [[nodiscard]] int capacity() const { return concurrency + prefetch; }
+  /// The durable that owns the messages: replay_of for a replay subscription.
+  [[nodiscard]] const std::string& owner() const { return replay_of.empty() ? durable : replay_of; }
   // Under `mutex`. The fetcher pulls once half the slots are free, or as soon as one is free and
   // no fetched message is waiting for a worker: fewer, larger pulls while a backlog is worked
   // off, no delay for a worker about to go idle.
@@ -356,8 +362,10 @@ struct Consumer::Impl {
     letter.original_subject = m.subject;
     letter.body = m.body;
     letter.headers = m.headers;
+    if (!s.replay_of.empty()) restore_msg_id(letter.headers);
     auto& c = letter.context;
-    c.event_id = !m.envelope.event_id.empty() ? m.envelope.event_id : m.header("Nats-Msg-Id");
+    c.event_id = !m.envelope.event_id.empty() ? m.envelope.event_id : letter.headers["Nats-Msg-Id"];
+    if (c.event_id.empty()) letter.headers.erase("Nats-Msg-Id");
     c.reason = reason;
     c.error_class = error_class;
     c.error_message = error_message;
@@ -365,7 +373,13 @@ struct Consumer::Impl {
     c.original_subject = m.subject;
     c.stream = m.metadata.stream;
     c.sequence = m.metadata.stream_sequence;
-    c.consumer = s.durable;
+    c.consumer = s.owner();
+    if (!s.replay_of.empty()) {
+      // A failed replay points at the original in its stream, and is a new letter (replay_sequence).
+      c.replay_sequence = m.metadata.stream_sequence;
+      std::string subject = m.subject;
+      restore_origin(m.headers, subject, c.stream, c.sequence);
+    }
     try {
       auto stored = dlq->publish(letter);
       term(d);
@@ -381,6 +395,36 @@ struct Consumer::Impl {
       logger()->error("{}: event {} (seq {}) could not be dead-lettered ({}); NAKed, back in {} ms", s.durable,
                       c.event_id, c.sequence, e.what(), delay.count());
     }
+  }
+
+  // A replay carries where the original was; the handler sees that, not the replay stream. The
+  // delivery itself (ack, NAK, delivery count) stays the replay's.
+  static void restore_origin(const Headers& headers, std::string& subject, std::string& stream, uint64_t& sequence) {
+    auto get = [&](const char* key) -> const std::string* {
+      auto it = headers.find(key);
+      return it == headers.end() || it->second.empty() ? nullptr : &it->second;
+    };
+    if (const auto* v = get(kReplayOriginalSubjectHeader)) subject = *v;
+    const auto* st = get(kReplayOriginalStreamHeader);
+    const auto* sq = get(kReplayOriginalSequenceHeader);
+    if (st != nullptr && sq != nullptr) {
+      uint64_t n = 0;
+      auto [end, ec] = std::from_chars(sq->data(), sq->data() + sq->size(), n);
+      if (ec == std::errc() && end == sq->data() + sq->size()) {
+        stream = *st;
+        sequence = n;
+      }
+    }
+  }
+
+  // A replay's Nats-Msg-Id is its own; the original's travels in x-original-msg-id.
+  static void restore_msg_id(Headers& headers) {
+    auto it = headers.find(kOriginalMsgIdHeader);
+    if (it != headers.end() && !it->second.empty())
+      headers["Nats-Msg-Id"] = it->second;
+    else
+      headers.erase("Nats-Msg-Id");
+    headers.erase(kOriginalMsgIdHeader);
   }
 
   // ---- one message ---------------------------------------------------------------------------
@@ -406,6 +450,14 @@ struct Consumer::Impl {
         m.metadata.timestamp = SystemTime{std::chrono::milliseconds{meta->Timestamp / 1000000}};
         jsMsgMetaData_Destroy(meta);
       }
+    }
+    if (!s.replay_of.empty()) {
+      // The handler and the inbox see the failed durable and the original subject; the metadata
+      // stays the replay's own delivery (stream, sequence, delivery count).
+      m.metadata.consumer = s.replay_of;
+      std::string ignored_stream;
+      uint64_t ignored_sequence = 0;
+      restore_origin(m.headers, m.subject, ignored_stream, ignored_sequence);
     }
     m.max_attempts = s.max_attempts;
     m.stop_token = handler_stop.get_token();
@@ -748,7 +800,14 @@ struct Consumer::Impl {
     c.original_subject = letter.original_subject;
     c.stream = stream;
     c.sequence = seq;
-    c.consumer = s.durable;
+    c.consumer = s.owner();
+    if (!s.replay_of.empty()) {
+      restore_msg_id(letter.headers);
+      c.event_id = event_id_of(letter.body, letter.headers);
+      c.replay_sequence = seq;
+      restore_origin(letter.headers, letter.original_subject, c.stream, c.sequence);
+    }
+    c.original_subject = letter.original_subject;
 
     Millis pause{200};
     for (int attempt = 1; attempt <= kAdvisoryPublishTries; ++attempt) {
@@ -921,6 +980,34 @@ struct Consumer::Impl {
     dlq = std::make_unique<DlqPublisher>(*connection, options.dlq_subject_prefix);
     std::vector<std::unique_ptr<Subscription>> prepared;
     for (const auto& r : registrations) prepared.push_back(prepare(topology, r));  // throws: nothing started yet
+
+    // The replay route: one more durable per subscription, on the replay stream, same handler.
+    if (options.replay_route) {
+      bool have_stream = false;
+      if (options.ensure_topology) {
+        topology.ensure_replay_stream();
+        have_stream = true;
+      } else {
+        have_stream = topology.stream_for(Topology::replay_stream_spec(config).subjects.front()).has_value();
+        if (!have_stream)
+          logger()->info("no replay stream {}: replays reach these subscriptions only with natspubsub-dlq --to-subject",
+                         Topology::replay_stream_spec(config).name);
+      }
+      for (size_t i = 0; have_stream && i < registrations.size(); ++i) {
+        Registration rr = registrations[i];
+        rr.filter = replay_subject(config, rr.durable);
+        rr.durable = replay_durable(rr.durable);
+        rr.own_topic = false;
+        // Replays are rare and come one operator command at a time: one worker is enough.
+        rr.options.concurrency = 1;
+        rr.options.prefetch = 0;
+        rr.options.max_ack_pending.reset();
+        rr.options.rate_limit.reset();
+        auto s = prepare(topology, rr);
+        s->replay_of = registrations[i].durable;
+        prepared.push_back(std::move(s));
+      }
+    }
 
     subs = std::move(prepared);
     subs_ready.store(true, std::memory_order_release);
@@ -1119,7 +1206,9 @@ bool Consumer::running() const noexcept { return impl_->running.load(); }
 std::vector<SubscriptionStats> Consumer::stats() const {
   std::vector<SubscriptionStats> out;
   if (!impl_->subs_ready.load(std::memory_order_acquire)) return out;  // before start(): nothing yet
-  for (const auto& s : impl_->subs) out.push_back(impl_->stats_of(*s));
+  for (const auto& s : impl_->subs) {
+    if (s->replay_of.empty()) out.push_back(impl_->stats_of(*s));  // replay routes: by name only
+  }
   return out;
 }
 

@@ -77,22 +77,28 @@ const char* to_string(DlqReason reason) noexcept {
     case DlqReason::permanent_error: return "permanent_error";
     case DlqReason::attempts_exhausted: return "attempts_exhausted";
     case DlqReason::max_deliveries: return "max_deliveries";
+    case DlqReason::other: return "other";
   }
   return "unknown";
 }
 
 std::optional<DlqReason> parse_dlq_reason(std::string_view name) noexcept {
   for (auto r : {DlqReason::malformed, DlqReason::permanent_error, DlqReason::attempts_exhausted,
-                 DlqReason::max_deliveries}) {
+                 DlqReason::max_deliveries}) {  // never `other`: it is not a name a writer uses
     if (name == to_string(r)) return r;
   }
   return std::nullopt;
 }
 
+std::string DlqContext::reason_text() const {
+  if (reason == DlqReason::other && !reason_name.empty()) return reason_name;
+  return to_string(reason);
+}
+
 json DlqContext::to_json() const {
   json j = {
       {"event_id", event_id},
-      {"reason", to_string(reason)},
+      {"reason", reason_text()},
       {"error_class", error_class},
       {"error_message", error_message},
       {"deliveries", deliveries},
@@ -104,6 +110,7 @@ json DlqContext::to_json() const {
       {"raw_base64", raw_base64},
   };
   // Only when set, so the common record stays exactly the documented fields.
+  if (replay_sequence != 0) j["replay_sequence"] = replay_sequence;
   if (raw_omitted) j["raw_omitted"] = true;
   if (body_omitted) j["body_omitted"] = true;
   if (error_message_truncated) j["error_message_truncated"] = true;
@@ -115,9 +122,11 @@ DlqContext DlqContext::from_json(const json& j) {
   DlqContext c;
   c.event_id = string_field(j, "event_id");
   const auto reason = string_field(j, "reason", true);
-  auto parsed = parse_dlq_reason(reason);
-  if (!parsed) throw DlqFormatError("x-dlq-context: unknown reason \"" + reason + "\"");
-  c.reason = *parsed;
+  // A reason this version does not know (written by a newer one, or by another producer of the
+  // documented format) is kept as written: such a letter is listed, shown and replayed like any.
+  if (reason.empty()) throw DlqFormatError("x-dlq-context: field reason is empty");
+  c.reason = parse_dlq_reason(reason).value_or(DlqReason::other);
+  c.reason_name = reason;
   c.error_class = string_field(j, "error_class");
   c.error_message = string_field(j, "error_message");
   c.deliveries = uint_field(j, "deliveries");
@@ -125,6 +134,7 @@ DlqContext DlqContext::from_json(const json& j) {
   c.stream = string_field(j, "stream", true);
   c.sequence = uint_field(j, "sequence");
   c.consumer = string_field(j, "consumer");
+  if (j.contains("replay_sequence")) c.replay_sequence = uint_field(j, "replay_sequence");
   const auto published = string_field(j, "published_at");
   if (!published.empty()) {
     try {
@@ -143,8 +153,15 @@ DlqContext DlqContext::from_json(const json& j) {
 std::string DeadLetter::msg_id() const {
   std::string id = "dlq-" + context.stream + "-" + std::to_string(context.sequence);
   if (!context.consumer.empty()) id += "-" + context.consumer;
+  if (context.replay_sequence != 0) id += "-replay-" + std::to_string(context.replay_sequence);
   return id;
 }
+
+std::string replay_subject(const Config& config, std::string_view durable) {
+  return "replay." + config.env + "." + config.app + "." + std::string(durable);
+}
+
+std::string replay_durable(std::string_view durable) { return std::string(durable) + "-replay"; }
 
 std::string dlq_subject(const Config& config, std::string_view original_subject) {
   return "dlq." + config.env + "." + config.app + "." + std::string(original_subject);
@@ -183,7 +200,7 @@ RawMessage make_dlq_message(const DeadLetter& letter, const std::string& subject
     out.payload = ctx.body_omitted ? std::string() : letter.body;
     out.headers = level >= 3 ? Headers{} : original;
     out.headers[kDeadLetterHeader] = "true";
-    out.headers[kDlqReasonHeader] = to_string(ctx.reason);
+    out.headers[kDlqReasonHeader] = ctx.reason_text();
     out.headers[kDeliveriesHeader] = std::to_string(ctx.deliveries);
     out.headers[kDlqContextHeader] = dump_header_json(ctx.to_json());
     Headers with_id = out.headers;

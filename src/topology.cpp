@@ -94,6 +94,20 @@ StreamSpec Topology::dlq_stream_spec(const Config& config) {
   return s;
 }
 
+StreamSpec Topology::replay_stream_spec(const Config& config) {
+  StreamSpec s;
+  s.name = config.env + "-" + config.app + "-replay";
+  s.subjects = {"replay." + config.env + "." + config.app + ".>"};
+  // Work queue: a replay is removed once its consumer acked (or terminated) it; each replay
+  // durable filters its own subject, so the filters never overlap, as work queues require.
+  s.retention = Retention::work_queue;
+  s.memory_storage = config.stream.memory_storage;
+  s.replicas = config.stream.replicas;
+  s.duplicate_window = config.stream.duplicate_window;
+  s.description = "dead letters of " + config.app + " replayed to the consumer that failed (natspubsub)";
+  return s;
+}
+
 std::string Topology::consumer_name(const Config& config, std::string_view filter_subject) {
   return config.env + "-" + config.app + "-" + subject::to_name(filter_subject);
 }
@@ -295,6 +309,8 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
 
 StreamResult Topology::ensure_events_stream() { return ensure_stream(events_stream_spec(connection_->config())); }
 StreamResult Topology::ensure_dlq_stream() { return ensure_stream(dlq_stream_spec(connection_->config())); }
+
+StreamResult Topology::ensure_replay_stream() { return ensure_stream(replay_stream_spec(connection_->config())); }
 
 bool Topology::consumer_exists(const std::string& stream, const std::string& durable) const {
   jsConsumerInfo* raw = nullptr;

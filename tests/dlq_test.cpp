@@ -175,9 +175,21 @@ TEST_CASE("parse_dead_letter refuses what is not a dead letter") {
       DlqFormatError);
   CHECK_THROWS_AS((void)parse_dead_letter("dlq.x", "{}",
                                           Headers{{"x-dead-letter", "true"},
-                                                  {"x-dlq-context", R"({"reason":"nope","stream":"s","sequence":1,)"
+                                                  {"x-dlq-context", R"({"reason":"","stream":"s","sequence":1,)"
                                                                     R"("deliveries":1,"original_subject":"a"})"}}),
                   DlqFormatError);
+}
+
+TEST_CASE("a reason this version does not know is kept as written, and written back the same") {
+  auto letter = parse_dead_letter("dlq.x", "{}",
+                                  Headers{{"x-dead-letter", "true"},
+                                          {"x-dlq-context", R"({"reason":"nope","stream":"s","sequence":1,)"
+                                                            R"("deliveries":1,"original_subject":"a"})"}});
+  CHECK(letter.context.reason == DlqReason::other);
+  CHECK(letter.context.reason_text() == "nope");
+  CHECK(letter.context.to_json()["reason"] == "nope");
+  auto again = make_dlq_message(letter, "dlq.x", 1024 * 1024);
+  CHECK(again.headers.at("x-dlq-reason") == "nope");
   CHECK_THROWS_AS((void)parse_dead_letter("dlq.x", "{}",
                                           Headers{{"x-dead-letter", "true"},
                                                   {"x-dlq-context", R"({"reason":"malformed","stream":"s",)"

@@ -2,6 +2,9 @@
 // shown, counted, replayed (inside the duplicate window) and purged; failed outbox rows retried.
 #include <atomic>
 #include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -10,13 +13,16 @@
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/consumer.hpp>
+#include <natspubsub/dlq.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/migrations.hpp>
 #include <natspubsub/store/sqlite.hpp>
 #include <natspubsub/topology.hpp>
 
+#include "support/databases.hpp"
 #include "support/nats_helpers.hpp"
+#include "support/process.hpp"
 #include "support/eventually.hpp"
 #include "support/servers.hpp"
 
@@ -189,4 +195,349 @@ TEST_CASE("outbox list and retry of failed rows") {
   CHECK(pending.output == "3\n");
   auto bad = testing::run_command(kTool + " outbox --database mysql://nope list 2>&1");
   CHECK(bad.status == 4);
+}
+
+// ---- issue 13: never lose a letter, replay to the failed consumer only ----------------------------
+
+namespace {
+
+std::string header_of(const testing::StoredMessage& m, const std::string& key) {
+  for (const auto& [k, v] : m.headers)
+    if (k == key) return v;
+  return {};
+}
+
+// `n` dead letters of durable `consumer` whose originals were no envelopes (no event id), written
+// straight into the DLQ stream as the consumer runtime writes them.
+void write_letters(Connection& nats, const Config& config, const std::string& consumer, int n,
+                   DlqReason reason = DlqReason::malformed, const std::string& reason_name = {}) {
+  std::vector<RawMessage> batch;
+  for (int i = 0; i < n; ++i) {
+    DeadLetter l;
+    l.original_subject = "test.orders.order.created";
+    l.body = "not an envelope #" + std::to_string(i);
+    l.context.reason = reason;
+    l.context.reason_name = reason_name;
+    l.context.error_class = "natspubsub::EnvelopeError";
+    l.context.error_message = "not JSON";
+    l.context.deliveries = 1;
+    l.context.stream = "test-orders-events";
+    l.context.sequence = static_cast<uint64_t>(i + 1);
+    l.context.consumer = consumer;
+    batch.push_back(make_dlq_message(l, dlq_subject(config, l.original_subject), 1024 * 1024));
+  }
+  Publisher publisher(nats);
+  for (const auto& r : publisher.publish_raw_batch(batch)) REQUIRE(r);
+}
+
+// The replay route of `durable` as a started Consumer would make it, without running one.
+void make_replay_route(Connection& nats, const Config& config, const std::string& durable) {
+  Topology t(nats);
+  t.ensure_replay_stream();
+  ConsumerSpec spec;
+  spec.stream = Topology::replay_stream_spec(config).name;
+  spec.durable = replay_durable(durable);
+  spec.filter_subject = replay_subject(config, durable);
+  t.ensure_consumer(spec);
+}
+
+uint64_t consumer_delivered(jsCtx* js, const std::string& stream, const std::string& durable) {
+  jsConsumerInfo* ci = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  REQUIRE(js_GetConsumerInfo(&ci, js, stream.c_str(), durable.c_str(), nullptr, &jerr) == NATS_OK);
+  const uint64_t delivered = ci->Delivered.Stream;
+  jsConsumerInfo_Destroy(ci);
+  return delivered;
+}
+
+}  // namespace
+
+TEST_CASE("30,000 letters without event ids replayed with --all: each exactly once, the DLQ empty") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  make_replay_route(nats, config, "test-payments-bulk");
+  constexpr int kLetters = 30000;
+  write_letters(nats, config, "test-payments-bulk", kLetters);
+
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto stats = json_lines(testing::run_command(common + "stats --json 2>/dev/null").output);
+  REQUIRE(stats.size() == 1);
+  CHECK(stats[0]["total"] == kLetters);
+
+  auto replay = testing::run_command(common + "replay --all --yes --json 2>&1", 300s);
+  INFO(replay.output.substr(0, 2000));
+  CHECK(replay.status == 0);
+  auto out = json_lines(replay.output);
+  REQUIRE(out.size() == 1);
+  CHECK(out[0]["replayed"] == kLetters);
+  CHECK(out[0]["failed"] == 0);
+
+  testing::RawNats raw(server.url());
+  const auto replay_stream = Topology::replay_stream_spec(config).name;
+  CHECK(raw.stream_messages(config.dlq_stream_name()) == 0);
+  REQUIRE(raw.stream_messages(replay_stream) == kLetters);
+  std::set<std::string> bodies, from, ids;
+  for (const auto& m : raw.read_stream(replay_stream)) {
+    bodies.insert(m.data);
+    from.insert(header_of(m, "x-replayed-from"));
+    ids.insert(m.msg_id);
+    CHECK(m.subject == "replay.test.payments.test-payments-bulk");
+  }
+  CHECK(bodies.size() == kLetters);  // every letter's body, once
+  CHECK(from.size() == kLetters);    // every DLQ sequence, once
+  CHECK(ids.size() == kLetters);
+  CHECK(ids.begin()->size() == std::string("replay-").size() + 36);  // a full UUID
+}
+
+TEST_CASE("a replay the stream reports as duplicate keeps its letter and says so") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  make_replay_route(nats, config, "test-payments-dup");
+  write_letters(nats, config, "test-payments-dup", 2);
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto rows = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(rows.size() == 2);
+  const auto first = std::to_string(rows[0]["seq"].get<uint64_t>());
+  const auto second = std::to_string(rows[1]["seq"].get<uint64_t>());
+
+  auto ok = testing::run_command(common + "replay " + first + " --replay-id fixed-id-1 --yes 2>&1");
+  INFO(ok.output);
+  CHECK(ok.status == 0);
+  CHECK(ok.output.find("1 replayed, 0 failed") != std::string::npos);
+  // The same replay id inside the duplicate window: JetStream stores nothing, the letter stays.
+  auto dup = testing::run_command(common + "replay " + second + " --replay-id fixed-id-1 --yes 2>&1");
+  INFO(dup.output);
+  CHECK(dup.status == 1);
+  CHECK(dup.output.find("0 replayed, 1 failed") != std::string::npos);
+  CHECK(dup.output.find("duplicate") != std::string::npos);
+  auto left = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(left.size() == 1);
+  CHECK(std::to_string(left[0]["seq"].get<uint64_t>()) == second);
+  testing::RawNats raw(server.url());
+  CHECK(raw.stream_messages(Topology::replay_stream_spec(config).name) == 1);
+  // --replay-id names one replay.
+  CHECK(testing::run_command(common + "replay --all --replay-id x --yes 2>&1").status == 2);
+}
+
+TEST_CASE("a replay reaches only the consumer that failed; a body left out is read back from its stream") {
+  // A small max_payload: a dead letter of a 3,000-byte event cannot carry the body.
+  testing::NatsServer::Options o;
+  o.max_payload = 4096;
+  testing::NatsServer server(o);
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+
+  std::atomic<bool> healthy{false};
+  std::mutex mutex;
+  std::vector<std::string> failing_bodies, failing_subjects, failing_consumers, other_ids;
+  Consumer failing(nats);
+  failing.subscribe_subject("test.orders.order.created", [&](const Message& m) {
+    if (!healthy) throw PermanentError("card declined");
+    std::lock_guard lock(mutex);
+    failing_bodies.push_back(m.body);
+    failing_subjects.push_back(m.subject);
+    failing_consumers.push_back(m.metadata.consumer);
+  }, {.durable = std::string("test-payments-charge")});
+  failing.start();
+  Consumer other(nats);
+  other.subscribe_subject("test.orders.order.created", [&](const Message& m) {
+    std::lock_guard lock(mutex);
+    other_ids.push_back(m.envelope.event_id);
+  }, {.durable = std::string("test-payments-audit")});
+  other.start();
+
+  Publisher publisher(orders);
+  auto big = publisher.publish("order.created", {{"note", std::string(3600, 'x')}});
+  REQUIRE(big);
+  REQUIRE(eventually([&] { return failing.stats().front().dead_lettered == 1; }));
+  REQUIRE(eventually([&] {
+    std::lock_guard lock(mutex);
+    return other_ids.size() == 1;
+  }));
+
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto rows = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0]["body_omitted"] == true);
+  CHECK(rows[0]["consumer"] == "test-payments-charge");
+
+  testing::RawNats raw(server.url());
+  const auto events = orders_config.events_stream_name();
+  const auto original = raw.read_stream(events).at(0);
+  const uint64_t audit_before = consumer_delivered(raw.js(), events, "test-payments-audit");
+
+  // A replay that fails again is a new dead letter (not a duplicate of the one it came from).
+  auto again = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(again.output);
+  CHECK(again.output.find("1 replayed, 0 failed") != std::string::npos);
+  REQUIRE(eventually([&] { return failing.stats("test-payments-charge-replay").dead_lettered == 1; }));
+  rows = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(rows.size() == 1);
+  auto shown = json_lines(testing::run_command(common + "show " + std::to_string(rows[0]["seq"].get<uint64_t>()) +
+                                               " --json 2>/dev/null").output);
+  REQUIRE(shown.size() == 1);
+  CHECK(shown[0]["context"]["replay_sequence"].get<uint64_t>() > 0);
+  CHECK(shown[0]["context"]["stream"] == "test-orders-events");  // still points at the original
+  CHECK(shown[0]["context"]["consumer"] == "test-payments-charge");
+
+  healthy = true;
+  auto replay = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(replay.output);
+  CHECK(replay.status == 0);
+  CHECK(replay.output.find("1 replayed, 0 failed") != std::string::npos);
+  REQUIRE(eventually([&] {
+    std::lock_guard lock(mutex);
+    return failing_bodies.size() == 1;
+  }));
+  {
+    std::lock_guard lock(mutex);
+    CHECK(failing_bodies[0] == original.data);  // byte for byte
+    CHECK(failing_subjects[0] == "test.orders.order.created");
+    CHECK(failing_consumers[0] == "test-payments-charge");
+  }
+  std::this_thread::sleep_for(500ms);  // room for a wrong delivery to show up
+  {
+    std::lock_guard lock(mutex);
+    CHECK(other_ids.size() == 1);  // the audit consumer saw the original only
+  }
+  CHECK(consumer_delivered(raw.js(), events, "test-payments-audit") == audit_before);
+  CHECK(raw.stream_messages(events) == 1);  // nothing was republished to the events stream
+  CHECK(json_lines(testing::run_command(common + "list --json 2>/dev/null").output).empty());
+
+  // A body left out whose original is gone: refused, the letter stays.
+  healthy = false;
+  auto second = publisher.publish("order.created", {{"note", std::string(3600, 'y')}});
+  REQUIRE(eventually([&] { return failing.stats().front().dead_lettered == 2; }));
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  REQUIRE(js_DeleteMsg(raw.js(), events.c_str(), second.sequence, nullptr, &jerr) == NATS_OK);
+  auto refused = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(refused.output);
+  CHECK(refused.status == 1);
+  CHECK(refused.output.find("cannot be read") != std::string::npos);
+  CHECK(refused.output.find("0 replayed, 1 failed") != std::string::npos);
+  CHECK(json_lines(testing::run_command(common + "list --json 2>/dev/null").output).size() == 1);
+  failing.stop(5s);
+  other.stop(5s);
+}
+
+TEST_CASE("an adopted DLQ stream is found; unknown reasons are listed and replayed; typos exit 3") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  testing::RawNats raw(server.url());
+  raw.add_stream("ops-dead-letters", {"dlq.test.payments.>"});
+  write_letters(nats, config, "", 1, DlqReason::other, "poison_pill_v9");
+
+  const std::string tool = kTool + " --nats " + server.url() + " ";
+  // Global flags after the subcommand.
+  auto list = testing::run_command(tool + "list --env test --app payments 2>&1");
+  INFO(list.output);
+  CHECK(list.status == 0);
+  CHECK(list.output.find("poison_pill_v9") != std::string::npos);
+  CHECK(list.output.find("1 dead letter(s) in ops-dead-letters") != std::string::npos);
+  CHECK(list.output.find("connected") == std::string::npos);  // warnings only by default
+  auto rows = json_lines(testing::run_command(tool + "list --json --env test --app payments --reason poison_pill_v9 2>/dev/null").output);
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0]["reason"] == "poison_pill_v9");
+  const auto seq = std::to_string(rows[0]["seq"].get<uint64_t>());
+  auto show = json_lines(testing::run_command(tool + "show " + seq + " --json --env test --app payments 2>/dev/null").output);
+  REQUIRE(show.size() == 1);
+  CHECK(show[0]["context"]["reason"] == "poison_pill_v9");
+  CHECK(show[0]["stream"] == "ops-dead-letters");
+
+  // No consumer in its context: no replay route, so the default refuses and --to-subject works.
+  Topology(nats).ensure_stream({.name = "test-orders-events", .subjects = {"test.orders.>"}});
+  auto routed = testing::run_command(tool + "replay " + seq + " --yes --env test --app payments 2>&1");
+  CHECK(routed.status == 1);
+  CHECK(routed.output.find("--to-subject") != std::string::npos);
+  auto replay = json_lines(
+      testing::run_command(tool + "replay " + seq + " --to-subject --yes --json --env test --app payments 2>/dev/null").output);
+  REQUIRE(replay.size() == 1);
+  CHECK(replay[0]["replayed"] == 1);
+  CHECK(raw.stream_messages("test-orders-events") == 1);
+  CHECK(raw.stream_messages("ops-dead-letters") == 0);
+
+  auto typo = testing::run_command(tool + "list --env test --app paymnts 2>&1");
+  CHECK(typo.status == 3);
+  CHECK(typo.output.find("dlq.test.paymnts.>") != std::string::npos);
+  CHECK(typo.output.find("test-paymnts-dlq") != std::string::npos);
+}
+
+TEST_CASE("bad arguments: one line, exit 2; --json everywhere; a mistyped SQLite path is not created") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  for (const std::string args : {"show 99999999999999999999999", "list --since 99999999999999999999h",
+                                 "list --since yesterday", "list --since 1x"}) {
+    auto r = testing::run_command(common + args + " 2>&1");
+    INFO(args << ": " << r.output);
+    CHECK(r.status == 2);
+    CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
+    CHECK(r.output.find("stoull") == std::string::npos);
+    CHECK(r.output.find("stoll") == std::string::npos);
+  }
+  CHECK(testing::run_command(common + "list --since 1w 2>&1").status == 0);
+  auto stats = json_lines(testing::run_command(common + "stats --json 2>/dev/null").output);
+  REQUIRE(stats.size() == 1);
+  CHECK(stats[0]["total"] == 0);
+  auto purge = json_lines(testing::run_command(common + "purge --all --yes --json 2>/dev/null").output);
+  REQUIRE(purge.size() == 1);
+  CHECK(purge[0]["purged"] == 0);
+
+  testing::TempDir dir;
+  const auto missing = dir.path() / "typo.db";
+  auto r = testing::run_command(kTool + " outbox --database sqlite://" + missing.string() + " list 2>&1");
+  CHECK(r.status == 4);
+  CHECK(r.output.find("does not exist") != std::string::npos);
+  CHECK(!std::filesystem::exists(missing));
+}
+
+TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothing both replayed and kept") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  make_replay_route(nats, config, "test-payments-int");
+  constexpr int kLetters = 20000;
+  write_letters(nats, config, "test-payments-int", kLetters);
+  testing::RawNats raw(server.url());
+  const auto dlq = config.dlq_stream_name();
+  const auto replay_stream = Topology::replay_stream_spec(config).name;
+
+  testing::TempDir dir;
+  const auto log = dir.path() / "replay.log";
+  testing::detail::ChildProcess tool;
+  tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
+                       "--json"},
+              .log_file = log});
+  REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
+  tool.signal(SIGINT);
+  REQUIRE(tool.wait_exit(30s));
+  INFO(testing::detail::file_tail(log));
+  CHECK(tool.last_exit() == "exited with status 130");
+
+  nlohmann::json outcome;
+  for (const auto& j : json_lines(testing::detail::file_from(log, 0)))
+    if (j.contains("replayed")) outcome = j;
+  REQUIRE(outcome.is_object());
+  CHECK(outcome["interrupted"] == true);
+  const auto replayed = outcome["replayed"].get<uint64_t>();
+  CHECK(replayed > 0);
+  CHECK(replayed < static_cast<uint64_t>(kLetters));
+  CHECK(raw.stream_messages(replay_stream) == replayed);
+  CHECK(raw.stream_messages(dlq) == kLetters - replayed);
+  std::set<std::string> replayed_from;
+  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
+  size_t both = 0;
+  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  CHECK(both == 0);
 }

@@ -1,9 +1,13 @@
 // natspubsub-dlq: list, show, replay, purge and count dead letters; list and retry failed
-// outbox rows. See README "Operations".
+// outbox rows. See README "The DLQ tool".
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -15,17 +19,63 @@
 #include <natspubsub/dlq.hpp>
 #include <natspubsub/envelope.hpp>
 #include <natspubsub/error.hpp>
+#include <natspubsub/log.hpp>
 #include <natspubsub/outbox.hpp>
+#include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
 #include <natspubsub/topology.hpp>
 #include <natspubsub/version.hpp>
 
 #include "common.hpp"
+#include "dead_letter_stream.hpp"
 
 using namespace natspubsub;
 using namespace natspubsub::workers;
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kExitInterrupted = 130;  // 128 + SIGINT, as shells report it
+constexpr size_t kReplayWindow = 256;  // replays in flight, then their letters are deleted
+
+// Set by SIGINT/SIGTERM during replay and purge; a lock-free atomic store is async-signal-safe.
+std::atomic<bool> g_interrupted{false};
+static_assert(std::atomic<bool>::is_always_lock_free);
+extern "C" void on_interrupt(int) { g_interrupted.store(true, std::memory_order_relaxed); }
+
+/// A bad argument: one line for the person, exit 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+std::optional<uint64_t> parse_uint(const std::string& text) {
+  uint64_t n = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+  if (text.empty() || ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return n;
+}
+
+// "90s", "15m", "2h", "3d", "1w" back from now, or an RFC 3339 time.
+SystemTime parse_since(const std::string& text) {
+  const std::string rule = "--since: expected an age (90s, 15m, 2h, 3d, 1w) or an RFC 3339 time, got \"" + text + "\"";
+  const std::string units = "smhdw";
+  if (!text.empty() && units.find(text.back()) != std::string::npos &&
+      text.find_first_not_of("0123456789") == text.size() - 1) {
+    auto n = parse_uint(text.substr(0, text.size() - 1));
+    const uint64_t unit = text.back() == 's' ? 1 : text.back() == 'm' ? 60 : text.back() == 'h' ? 3600
+                          : text.back() == 'd' ? 86400 : 604800;
+    constexpr uint64_t kMaxSeconds = 100ULL * 366 * 86400;  // a century: anything older is "all"
+    if (!n) throw UsageError(rule);
+    if (*n > kMaxSeconds / unit) throw UsageError("--since: " + text + " is more than a century");
+    return now_ms() - std::chrono::seconds(static_cast<int64_t>(*n * unit));
+  }
+  try {
+    return parse_timestamp(text, "--since");
+  } catch (const std::exception&) {
+    throw UsageError(rule);
+  }
+}
 
 struct Filters {
   std::string topic;
@@ -33,118 +83,15 @@ struct Filters {
   std::string since;
   size_t limit = 0;  // 0: no limit
   std::optional<SystemTime> since_time;
-};
 
-struct Entry {
-  uint64_t seq = 0;
-  std::string subject;  // the DLQ subject
-  DeadLetter letter;
-  std::string topic;
-};
-
-// "90s", "15m", "2h", "3d" back from now, or an RFC 3339 time.
-SystemTime parse_since(const std::string& text) {
-  if (!text.empty() && std::isdigit(static_cast<unsigned char>(text.front())) &&
-      std::string("smhd").find(text.back()) != std::string::npos && text.find('-') == std::string::npos) {
-    long long n = std::stoll(text.substr(0, text.size() - 1));
-    long long unit = text.back() == 's' ? 1 : text.back() == 'm' ? 60 : text.back() == 'h' ? 3600 : 86400;
-    return now_ms() - std::chrono::seconds(n * unit);
+  [[nodiscard]] bool matches(const DlqEntry& e) const {
+    if (!e.letter) return false;
+    const auto& c = e.letter->context;
+    if (!topic.empty() && e.topic != topic) return false;
+    if (!reason.empty() && c.reason_text() != reason) return false;
+    if (since_time && c.published_at < *since_time) return false;
+    return true;
   }
-  return parse_timestamp(text, "--since");
-}
-
-std::string topic_of(const DeadLetter& l, const Config& config) {
-  if (auto it = l.headers.find("topic"); it != l.headers.end()) return it->second;
-  // Subject {env}.{app}.{topic}: drop the first two tokens.
-  auto s = l.original_subject;
-  auto first = s.find('.');
-  auto second = first == std::string::npos ? first : s.find('.', first + 1);
-  (void)config;
-  return second == std::string::npos ? s : s.substr(second + 1);
-}
-
-Headers headers_of(natsMsg* msg) {
-  Headers h;
-  const char** keys = nullptr;
-  int count = 0;
-  if (natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK) {
-    for (int i = 0; i < count; ++i) {
-      const char* v = nullptr;
-      if (natsMsgHeader_Get(msg, keys[i], &v) == NATS_OK && v != nullptr) h[keys[i]] = v;
-    }
-    free(static_cast<void*>(keys));
-  }
-  return h;
-}
-
-class DlqReader {
- public:
-  DlqReader(Connection& nats, const Config& config) : nats_(nats), config_(config), stream_(config.dlq_stream_name()) {}
-
-  const std::string& stream() const { return stream_; }
-
-  std::optional<Entry> get(uint64_t seq) {
-    natsMsg* msg = nullptr;
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    natsStatus s = js_GetMsg(&msg, nats_.jetstream(), stream_.c_str(), seq, nullptr, &jerr);
-    if (s != NATS_OK) return std::nullopt;  // deleted or beyond the end
-    Entry e;
-    e.seq = seq;
-    e.subject = natsMsg_GetSubject(msg);
-    std::string body(natsMsg_GetData(msg), static_cast<size_t>(natsMsg_GetDataLength(msg)));
-    auto headers = headers_of(msg);
-    natsMsg_Destroy(msg);
-    try {
-      e.letter = parse_dead_letter(e.subject, body, headers);
-    } catch (const DlqFormatError& err) {
-      spdlog::warn("DLQ sequence {} is not a natspubsub dead letter: {}", seq, err.what());
-      return std::nullopt;
-    }
-    e.topic = topic_of(e.letter, config_);
-    return e;
-  }
-
-  /// Every dead letter matching the filters, oldest first.
-  std::vector<Entry> scan(const Filters& f) {
-    std::vector<Entry> out;
-    StreamSummary info;
-    try {
-      info = Topology(nats_).stream_info(stream_);
-    } catch (const NatsError& e) {
-      if (e.js_error_code() == 10059) return out;  // no DLQ stream yet: nothing dead-lettered
-      throw;
-    }
-    for (uint64_t seq = info.first_sequence; seq != 0 && seq <= info.last_sequence; ++seq) {
-      auto e = get(seq);
-      if (!e) continue;
-      if (!f.topic.empty() && e->topic != f.topic) continue;
-      if (!f.reason.empty() && to_string(e->letter.context.reason) != f.reason) continue;
-      if (f.since_time && e->letter.context.published_at < *f.since_time) continue;
-      out.push_back(std::move(*e));
-      if (f.limit > 0 && out.size() >= f.limit) break;
-    }
-    return out;
-  }
-
-  /// Finds by stream sequence (all digits) or by event id.
-  std::optional<Entry> find(const std::string& id) {
-    if (!id.empty() && std::all_of(id.begin(), id.end(), ::isdigit)) return get(std::stoull(id));
-    for (auto& e : scan({})) {
-      if (e.letter.context.event_id == id) return std::move(e);
-    }
-    return std::nullopt;
-  }
-
-  void remove(uint64_t seq) {
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    natsStatus s = js_DeleteMsg(nats_.jetstream(), stream_.c_str(), seq, nullptr, &jerr);
-    if (s != NATS_OK) throw NatsError("deleting DLQ sequence " + std::to_string(seq) + " failed", s, jerr);
-  }
-
- private:
-  Connection& nats_;
-  const Config& config_;
-  std::string stream_;
 };
 
 std::string short_text(std::string s, size_t n) {
@@ -153,17 +100,23 @@ std::string short_text(std::string s, size_t n) {
   return s.size() <= n ? s : s.substr(0, n - 1) + "~";
 }
 
-nlohmann::json entry_json(const Entry& e) {
+nlohmann::json entry_json(const DlqEntry& e) {
+  const auto& l = *e.letter;
+  const auto& c = l.context;
   return {{"seq", e.seq},
-          {"subject", e.letter.original_subject},
+          {"subject", l.original_subject},
           {"topic", e.topic},
-          {"event_id", e.letter.context.event_id},
-          {"reason", to_string(e.letter.context.reason)},
-          {"deliveries", e.letter.context.deliveries},
-          {"error_class", e.letter.context.error_class},
-          {"error_message", e.letter.context.error_message},
-          {"consumer", e.letter.context.consumer},
-          {"dead_lettered_at", format_timestamp(e.letter.context.published_at)}};
+          {"event_id", c.event_id},
+          {"reason", c.reason_text()},
+          {"deliveries", c.deliveries},
+          {"error_class", c.error_class},
+          {"error_message", c.error_message},
+          {"consumer", c.consumer},
+          {"stream", c.stream},
+          {"stream_seq", c.sequence},
+          {"body_omitted", c.body_omitted},
+          {"format", "natspubsub"},
+          {"dead_lettered_at", format_timestamp(c.published_at)}};
 }
 
 bool confirm(const std::string& question, bool yes) {
@@ -178,64 +131,367 @@ bool confirm(const std::string& question, bool yes) {
   return answer == "y" || answer == "Y" || answer == "yes";
 }
 
+// A progress line with rate and time left, on a terminal only (stderr), at most 5 times a second.
 class Progress {
  public:
-  Progress(size_t total, const char* verb) : total_(total), verb_(verb), enabled_(isatty(STDERR_FILENO) && total >= 50) {}
-  void step(size_t done) {
-    if (!enabled_) return;
-    const int width = 30;
-    int filled = static_cast<int>(width * done / std::max<size_t>(1, total_));
-    std::fprintf(stderr, "\r%s [%.*s%*s] %zu/%zu", verb_, filled, "==============================", width - filled, "",
-                 done, total_);
-    if (done == total_) std::fprintf(stderr, "\n");
+  explicit Progress(const char* verb) : verb_(verb), enabled_(isatty(STDERR_FILENO) != 0) {}
+  ~Progress() { finish(); }
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+
+  void step(uint64_t done, uint64_t total) {
+    if (!enabled_ || total < 50) return;
+    const auto now = Clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    const double seconds = std::chrono::duration<double>(now - start_).count();
+    const double rate = seconds > 0 ? static_cast<double>(done) / seconds : 0;
+    const double left = rate > 0 ? static_cast<double>(total - std::min(done, total)) / rate : 0;
+    std::fprintf(stderr, "\r%s %llu/%llu (%.0f%%), %.0f/s, %.0fs left   ", verb_, static_cast<unsigned long long>(done),
+                 static_cast<unsigned long long>(total), 100.0 * static_cast<double>(done) / static_cast<double>(total),
+                 rate, left);
+    shown_ = true;
+  }
+  void finish() {
+    if (shown_) std::fprintf(stderr, "\n");
+    shown_ = false;
   }
 
  private:
-  size_t total_;
   const char* verb_;
   bool enabled_;
+  bool shown_ = false;
+  Clock::time_point start_ = Clock::now();
+  Clock::time_point last_{};
 };
+
+/// Every dead letter matching the filters, oldest first; counts what is no dead letter.
+std::vector<DlqEntry> collect(const DeadLetterStream& dlq, const Filters& f, size_t* not_letters = nullptr) {
+  std::vector<DlqEntry> out;
+  Progress progress("reading");
+  dlq.scan(
+      [&](DlqEntry&& e) {
+        if (!e.letter) {
+          if (not_letters != nullptr) ++*not_letters;
+          spdlog::warn("{} sequence {} is not a dead letter: {}", dlq.name(), e.seq, e.problem);
+          return true;
+        }
+        if (!f.matches(e)) return true;
+        out.push_back(std::move(e));
+        return f.limit == 0 || out.size() < f.limit;
+      },
+      [&](uint64_t done, uint64_t total) { progress.step(done, total); });
+  return out;
+}
+
+/// Finds by stream sequence (all digits) or by event id.
+std::optional<DlqEntry> find(const DeadLetterStream& dlq, const std::string& id) {
+  if (auto seq = parse_uint(id)) return dlq.get(*seq);
+  if (!id.empty() && id.find_first_not_of("0123456789") == std::string::npos)
+    throw UsageError("show: " + id + " is too large for a sequence");
+  std::optional<DlqEntry> found;
+  dlq.scan([&](DlqEntry&& e) {
+    if (e.letter && e.letter->context.event_id == id) {
+      found = std::move(e);
+      return false;
+    }
+    return true;
+  });
+  return found;
+}
+
+// Where replays go: the failed consumer's replay route, checked once per consumer.
+class ReplayRoutes {
+ public:
+  ReplayRoutes(Connection& nats, const Config& config)
+      : nats_(nats), config_(config), stream_(Topology::replay_stream_spec(config).name) {}
+
+  /// The replay subject for `consumer`; throws DlqFormatError saying why there is none.
+  std::string subject_for(const std::string& consumer) {
+    if (consumer.empty())
+      throw DlqFormatError("the letter names no consumer, so there is no replay route: use --to-subject");
+    auto it = checked_.find(consumer);
+    if (it == checked_.end()) {
+      std::string problem;
+      try {
+        if (!Topology(nats_).consumer_exists(stream_, replay_durable(consumer)))
+          problem = "consumer " + consumer + " has no replay durable " + replay_durable(consumer) + " on " + stream_;
+      } catch (const NatsError& e) {
+        problem = "no replay stream " + stream_ + " (" + e.what() + ")";
+      }
+      if (!problem.empty())
+        problem += ": start that consumer once with this version (it creates its replay route), or use --to-subject";
+      it = checked_.emplace(consumer, problem).first;
+    }
+    if (!it->second.empty()) throw DlqFormatError(it->second);
+    return replay_subject(config_, consumer);
+  }
+
+ private:
+  Connection& nats_;
+  const Config& config_;
+  std::string stream_;
+  std::map<std::string, std::string> checked_;  // consumer -> problem ("" when routable)
+};
+
+struct Outcome {
+  std::vector<uint64_t> done;         // replayed (and removed) or purged
+  std::vector<uint64_t> failed;       // not replayed / not purged: still in the DLQ
+  std::vector<uint64_t> duplicates;   // of failed: the stream already held the replay id
+  std::vector<uint64_t> not_removed;  // replayed, but still in the DLQ: the tool says so
+  bool interrupted = false;
+};
+
+void print_outcome(const Outcome& o, bool is_replay, bool json, const std::string& stream) {
+  if (json) {
+    nlohmann::json j{{"stream", stream},
+                     {is_replay ? "replayed" : "purged", o.done.size()},
+                     {"failed", o.failed.size()},
+                     {"failed_seqs", o.failed},
+                     {"interrupted", o.interrupted}};
+    if (is_replay) {
+      j["duplicates"] = o.duplicates;
+      j["replayed_not_removed"] = o.not_removed;
+    }
+    std::cout << j.dump() << "\n";
+    return;
+  }
+  std::printf("%zu %s, %zu failed\n", o.done.size(), is_replay ? "replayed" : "purged", o.failed.size());
+  if (!o.duplicates.empty())
+    std::printf("%zu not replayed because the stream already held their replay id (duplicate); kept in %s\n",
+                o.duplicates.size(), stream.c_str());
+  if (!o.not_removed.empty()) {
+    std::printf("%zu replayed but still in %s (delete failed): sequences", o.not_removed.size(), stream.c_str());
+    for (auto s : o.not_removed) std::printf(" %llu", static_cast<unsigned long long>(s));
+    std::printf("\n");
+  }
+  if (o.interrupted) std::printf("interrupted: the rest were left in %s untouched\n", stream.c_str());
+}
+
+struct ReplayOptions {
+  bool to_subject = false;
+  std::string replay_id;
+};
+
+Outcome replay(Connection& nats, const Config& config, const DeadLetterStream& dlq, const std::vector<DlqEntry>& targets,
+               const ReplayOptions& options) {
+  Outcome o;
+  Publisher publisher(nats);
+  ReplayRoutes routes(nats, config);
+  Progress progress("replaying");
+  size_t handled = 0;
+  for (size_t start = 0; start < targets.size() && !g_interrupted.load(); start += kReplayWindow) {
+    const size_t end = std::min(targets.size(), start + kReplayWindow);
+    std::vector<RawMessage> batch;
+    std::vector<const DlqEntry*> sent;
+    for (size_t i = start; i < end; ++i) {
+      const auto& e = targets[i];
+      const auto& l = *e.letter;
+      try {
+        RawMessage m;
+        m.payload = l.body;
+        m.headers = l.headers;
+        if (l.context.body_omitted && l.body.empty()) {
+          // Never publish a body we do not have: the original is read back from its stream.
+          auto original = read_original(nats, l);
+          m.payload = std::move(original.body);
+          m.headers = std::move(original.headers);
+        }
+        const auto original_id = m.headers.find("Nats-Msg-Id");
+        const std::string original_msg_id = original_id == m.headers.end() ? std::string() : original_id->second;
+        for (const char* h : {"Nats-Msg-Id", kOriginalMsgIdHeader, kReplayedFromHeader, kReplayOriginalSubjectHeader,
+                              kReplayOriginalStreamHeader, kReplayOriginalSequenceHeader})
+          m.headers.erase(h);
+        if (!original_msg_id.empty()) m.headers[kOriginalMsgIdHeader] = original_msg_id;
+        m.headers[kReplayedFromHeader] = dlq.name() + ":" + std::to_string(e.seq);
+        if (options.to_subject) {
+          m.subject = l.original_subject;
+        } else {
+          m.subject = routes.subject_for(l.context.consumer);
+          m.headers[kReplayOriginalSubjectHeader] = l.original_subject;
+          if (!l.context.stream.empty() && l.context.sequence != 0) {
+            m.headers[kReplayOriginalStreamHeader] = l.context.stream;
+            m.headers[kReplayOriginalSequenceHeader] = std::to_string(l.context.sequence);
+          }
+        }
+        // The body keeps the envelope's event_id (the inbox recognises the event); the Nats-Msg-Id
+        // is new and random (122 bits), so it collides with nothing inside the duplicate window.
+        m.msg_id = options.replay_id.empty() ? "replay-" + new_uuid() : options.replay_id;
+        batch.push_back(std::move(m));
+        sent.push_back(&e);
+      } catch (const DlqFormatError& err) {
+        o.failed.push_back(e.seq);
+        spdlog::error("sequence {}: not replayed, kept: {}", e.seq, err.what());
+      }
+    }
+    auto results = publisher.publish_raw_batch(batch, {.window = static_cast<int>(kReplayWindow)});
+    for (size_t i = 0; i < results.size(); ++i) {
+      const auto& r = results[i];
+      const auto seq = sent[i]->seq;
+      if (!r) {
+        o.failed.push_back(seq);
+        spdlog::error("sequence {}: not replayed, kept: {}", seq, r.error->message);
+        continue;
+      }
+      if (r.duplicate) {
+        // JetStream dropped it: nothing new was stored, so the letter must stay.
+        o.failed.push_back(seq);
+        o.duplicates.push_back(seq);
+        spdlog::error("sequence {}: not replayed, kept: {} already holds replay id {} (duplicate)", seq, r.stream,
+                      batch[i].msg_id);
+        continue;
+      }
+      try {
+        dlq.remove(seq);  // only after the replay was stored
+        o.done.push_back(seq);
+      } catch (const std::exception& err) {
+        o.not_removed.push_back(seq);
+        spdlog::error("sequence {}: replayed to {} (sequence {}) but still in {}: {}; purge it or it may be replayed twice",
+                      seq, r.stream, r.sequence, dlq.name(), err.what());
+      }
+    }
+    handled = end;
+    progress.step(handled, targets.size());
+  }
+  o.interrupted = handled < targets.size();
+  return o;
+}
+
+Outcome purge(const DeadLetterStream& dlq, const std::vector<DlqEntry>& targets) {
+  Outcome o;
+  Progress progress("purging");
+  size_t handled = 0;
+  for (const auto& e : targets) {
+    if (g_interrupted.load()) break;
+    try {
+      dlq.remove(e.seq);
+      o.done.push_back(e.seq);
+    } catch (const std::exception& err) {
+      o.failed.push_back(e.seq);
+      spdlog::error("{}", err.what());
+    }
+    progress.step(++handled, targets.size());
+  }
+  o.interrupted = handled < targets.size();
+  return o;
+}
+
+void show_entry(const DlqEntry& e, const std::string& stream, bool json) {
+  const auto& l = *e.letter;
+  auto parsed = nlohmann::json::parse(l.body, nullptr, false);
+  if (json) {
+    nlohmann::json j{{"stream", stream},         {"seq", e.seq},     {"subject", e.subject},
+                     {"format", "natspubsub"},   {"headers", l.headers}, {"context", l.context.to_json()},
+                     {"body", l.body}};
+    if (!parsed.is_discarded()) j["body_json"] = parsed;
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    return;
+  }
+  std::cout << "DLQ stream:   " << stream << "\nDLQ sequence: " << e.seq << "\nDLQ subject:  " << e.subject
+            << "\nFormat:       natspubsub\n\nHeaders:\n";
+  for (const auto& [k, v] : l.headers) std::cout << "  " << k << ": " << v << "\n";
+  std::cout << "\nContext:\n" << l.context.to_json().dump(2) << "\n\nBody:\n";
+  if (l.context.body_omitted && l.body.empty())
+    std::cout << "(left out of the dead letter; the original is " << l.context.stream << " sequence "
+              << l.context.sequence << ")\n";
+  else
+    std::cout << (parsed.is_discarded() ? l.body : parsed.dump(2)) << "\n";
+}
+
+int outbox_command(const std::string& database_url, bool list_parsed, bool json, size_t limit, bool all,
+                   const std::vector<int64_t>& ids) {
+  std::unique_ptr<store::Database> db;
+  try {
+    // An operator's tool must not create a database: a mistyped SQLite path is an error.
+    auto url = store::DatabaseUrl::parse(database_url);
+    if (url.backend() == store::Backend::sqlite && !std::filesystem::exists(url.path()))
+      throw store::DatabaseError("SQLite database " + url.path() + " does not exist (natspubsub-dlq never creates one)");
+    db = store::open_database(database_url);
+  } catch (const std::exception& e) {
+    spdlog::error("database: {}", e.what());
+    return kExitDatabase;
+  }
+  auto store = make_outbox_store(*db);
+  if (list_parsed) {
+    auto rows = store->list_failed(limit);
+    if (!json) std::printf("%-8s %-36s %-8s %-40s %s\n", "ID", "EVENT_ID", "ATTEMPTS", "SUBJECT", "LAST_ERROR");
+    for (const auto& r : rows) {
+      if (json) {
+        std::cout << nlohmann::json{{"id", r.id}, {"event_id", r.event_id}, {"subject", r.subject},
+                                    {"attempts", r.attempts}, {"last_error", r.last_error.value_or("")},
+                                    {"created_at", format_timestamp(r.created_at)}}
+                         .dump()
+                  << "\n";
+      } else {
+        std::printf("%-8lld %-36s %-8d %-40s %s\n", static_cast<long long>(r.id), r.event_id.c_str(), r.attempts,
+                    short_text(r.subject, 40).c_str(), short_text(r.last_error.value_or(""), 60).c_str());
+      }
+    }
+    if (!json) std::fprintf(stderr, "%zu failed row(s)\n", rows.size());
+    return kExitOk;
+  }
+  if (!all && ids.empty()) throw UsageError("outbox retry: give row ids or --all");
+  auto n = all ? store->retry_all_failed() : store->retry_failed(ids);
+  if (json)
+    std::cout << nlohmann::json{{"pending_again", n}}.dump() << "\n";
+  else
+    std::printf("%zu row(s) pending again\n", n);
+  return kExitOk;
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App cli{"natspubsub-dlq: inspect and replay dead letters, retry failed outbox rows", "natspubsub-dlq"};
+  // Global flags may also follow the subcommand: `natspubsub-dlq list --app payments`.
+  cli.fallthrough();
   cli.require_subcommand(1);
   NatsFlags nats_flags;
   nats_flags.add_to(cli);
   std::string log_format = "text";
+  std::string log_level = "warn";
+  bool json = false;
   cli.add_option("--log-format", log_format, "text or json")->check(CLI::IsMember({"text", "json"}));
+  cli.add_option("--log-level", log_level, "trace, debug, info, warn (default), error or off")
+      ->envname("NATSPUBSUB_LOG_LEVEL")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
+  cli.add_flag("--json", json, "machine-readable output: one JSON object per line");
   cli.set_version_flag("--version", std::string("natspubsub-dlq ") + std::string(natspubsub::version()));
 
   Filters filters;
-  bool json = false, dry_run = false, yes = false, all = false;
+  bool dry_run = false, yes = false, all = false;
+  ReplayOptions replay_options;
   auto add_filters = [&](CLI::App* sub) {
     sub->add_option("--topic", filters.topic, "only this topic (e.g. order.created)");
-    sub->add_option("--reason", filters.reason, "malformed, permanent_error, attempts_exhausted or max_deliveries")
-        ->check(CLI::IsMember({"malformed", "permanent_error", "attempts_exhausted", "max_deliveries"}));
-    sub->add_option("--since", filters.since, "only dead letters newer than 30m, 2h, 1d or an RFC 3339 time");
+    sub->add_option("--reason", filters.reason,
+                    "only this reason: malformed, permanent_error, attempts_exhausted, max_deliveries, or any other "
+                    "written by another producer");
+    sub->add_option("--since", filters.since, "only dead letters newer than 90s, 15m, 2h, 3d, 1w or an RFC 3339 time");
     sub->add_option("--limit", filters.limit, "at most this many");
   };
   auto* list = cli.add_subcommand("list", "list dead letters (oldest first)");
   add_filters(list);
-  list->add_flag("--json", json, "one JSON object per line");
   std::string show_id;
   auto* show = cli.add_subcommand("show", "show one dead letter: headers, context, body");
   show->add_option("id", show_id, "DLQ sequence or event id")->required();
   std::vector<uint64_t> seqs;
-  auto* replay = cli.add_subcommand("replay", "republish dead letters to their original subject");
-  replay->add_option("seq", seqs, "DLQ sequences");
-  replay->add_flag("--all", all, "every dead letter matching the filters");
-  add_filters(replay);
-  replay->add_flag("--dry-run", dry_run, "show what would be replayed");
-  replay->add_flag("--yes,-y", yes, "do not ask for confirmation");
-  auto* purge = cli.add_subcommand("purge", "delete dead letters");
-  purge->add_option("seq", seqs, "DLQ sequences");
-  purge->add_flag("--all", all, "every dead letter matching the filters");
-  add_filters(purge);
-  purge->add_flag("--yes,-y", yes, "do not ask for confirmation");
+  auto* replay_cmd = cli.add_subcommand("replay", "send dead letters back to the consumer that failed on them");
+  replay_cmd->add_option("seq", seqs, "DLQ sequences");
+  replay_cmd->add_flag("--all", all, "every dead letter matching the filters");
+  add_filters(replay_cmd);
+  replay_cmd->add_flag("--dry-run", dry_run, "show what would be replayed");
+  replay_cmd->add_flag("--yes,-y", yes, "do not ask for confirmation");
+  replay_cmd->add_flag("--to-subject", replay_options.to_subject,
+                       "publish to the original subject instead: every consumer of it gets the event again");
+  replay_cmd->add_option("--replay-id", replay_options.replay_id,
+                         "Nats-Msg-Id of the replay (one sequence only); the same id again inside the duplicate "
+                         "window is not replayed twice (default: a new random id)");
+  auto* purge_cmd = cli.add_subcommand("purge", "delete dead letters");
+  purge_cmd->add_option("seq", seqs, "DLQ sequences");
+  purge_cmd->add_flag("--all", all, "every dead letter matching the filters");
+  add_filters(purge_cmd);
+  purge_cmd->add_flag("--yes,-y", yes, "do not ask for confirmation");
   auto* stats = cli.add_subcommand("stats", "counts by topic and reason");
-  stats->add_flag("--json", json, "JSON output");
   std::string database_url;
   std::vector<int64_t> outbox_ids;
   auto* outbox = cli.add_subcommand("outbox", "failed outbox rows");
@@ -244,7 +500,6 @@ int main(int argc, char** argv) {
       ->envname("NATSPUBSUB_DATABASE_URL")
       ->required();
   auto* outbox_list = outbox->add_subcommand("list", "list failed rows");
-  outbox_list->add_flag("--json", json, "one JSON object per line");
   size_t outbox_limit = 100;
   outbox_list->add_option("--limit", outbox_limit, "at most this many")->capture_default_str();
   auto* outbox_retry = outbox->add_subcommand("retry", "make failed rows pending again");
@@ -258,43 +513,18 @@ int main(int argc, char** argv) {
     return rc == 0 ? kExitOk : kExitUsage;
   }
   setup_logging(log_format, "natspubsub-dlq");
+  const auto level = spdlog::level::from_str(log_level);
+  spdlog::set_level(level);
+  natspubsub::logger()->set_level(level);
 
   try {
-    if (outbox->parsed()) {
-      std::unique_ptr<store::Database> db;
-      try {
-        db = store::open_database(database_url);
-      } catch (const std::exception& e) {
-        spdlog::error("database: {}", e.what());
-        return kExitDatabase;
-      }
-      auto store = make_outbox_store(*db);
-      if (outbox_list->parsed()) {
-        auto rows = store->list_failed(outbox_limit);
-        if (!json) std::printf("%-8s %-36s %-8s %-40s %s\n", "ID", "EVENT_ID", "ATTEMPTS", "SUBJECT", "LAST_ERROR");
-        for (const auto& r : rows) {
-          if (json) {
-            std::cout << nlohmann::json{{"id", r.id}, {"event_id", r.event_id}, {"subject", r.subject},
-                                        {"attempts", r.attempts}, {"last_error", r.last_error.value_or("")},
-                                        {"created_at", format_timestamp(r.created_at)}}
-                             .dump()
-                      << "\n";
-          } else {
-            std::printf("%-8lld %-36s %-8d %-40s %s\n", static_cast<long long>(r.id), r.event_id.c_str(), r.attempts,
-                        short_text(r.subject, 40).c_str(), short_text(r.last_error.value_or(""), 60).c_str());
-          }
-        }
-        if (!json) std::fprintf(stderr, "%zu failed row(s)\n", rows.size());
-      } else {
-        if (!all && outbox_ids.empty()) {
-          std::cerr << "outbox retry: give row ids or --all\n";
-          return kExitUsage;
-        }
-        auto n = all ? store->retry_all_failed() : store->retry_failed(outbox_ids);
-        std::printf("%zu row(s) pending again\n", n);
-      }
-      return kExitOk;
-    }
+    if (!filters.since.empty()) filters.since_time = parse_since(filters.since);
+    if (!replay_options.replay_id.empty() && (all || seqs.size() != 1))
+      throw UsageError("--replay-id: give exactly one sequence (a replay id names one replay)");
+    if (outbox->parsed())
+      return outbox_command(database_url, outbox_list->parsed(), json, outbox_limit, all, outbox_ids);
+    if ((replay_cmd->parsed() || purge_cmd->parsed()) && !all && seqs.empty())
+      throw UsageError("give DLQ sequences or --all");
 
     Config config;
     try {
@@ -303,8 +533,6 @@ int main(int argc, char** argv) {
       spdlog::error("{}", e.what());
       return kExitConfig;
     }
-    if (!filters.since.empty()) filters.since_time = parse_since(filters.since);
-
     std::optional<Connection> nats;
     try {
       nats.emplace(config);
@@ -312,126 +540,130 @@ int main(int argc, char** argv) {
       spdlog::error("NATS: {}", e.what());
       return kExitNats;
     }
-    DlqReader reader(*nats, config);
+    std::optional<DeadLetterStream> found;
+    try {
+      found.emplace(DeadLetterStream::locate(*nats, config));
+    } catch (const DlqStreamMissing& e) {
+      spdlog::error("{}", e.what());
+      return kExitConfig;
+    }
+    const auto& dlq = *found;
 
     if (list->parsed()) {
-      auto entries = reader.scan(filters);
+      size_t not_letters = 0;
+      auto entries = collect(dlq, filters, &not_letters);
       if (!json)
         std::printf("%-6s %-24s %-18s %-4s %-30s %-36s %s\n", "SEQ", "DEAD_LETTERED_AT", "REASON", "DLV", "TOPIC",
                     "EVENT_ID", "ERROR");
       for (const auto& e : entries) {
         if (json) {
-          std::cout << entry_json(e).dump() << "\n";
-        } else {
-          const auto& c = e.letter.context;
-          std::printf("%-6llu %-24s %-18s %-4llu %-30s %-36s %s\n", static_cast<unsigned long long>(e.seq),
-                      format_timestamp(c.published_at).c_str(), to_string(c.reason),
-                      static_cast<unsigned long long>(c.deliveries), short_text(e.topic, 30).c_str(),
-                      c.event_id.c_str(), short_text(c.error_message, 60).c_str());
+          std::cout << entry_json(e).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+          continue;
         }
+        const auto& c = e.letter->context;
+        std::printf("%-6llu %-24s %-18s %-4llu %-30s %-36s %s\n", static_cast<unsigned long long>(e.seq),
+                    format_timestamp(c.published_at).c_str(), short_text(c.reason_text(), 18).c_str(),
+                    static_cast<unsigned long long>(c.deliveries), short_text(e.topic, 30).c_str(),
+                    c.event_id.c_str(), short_text(c.error_message, 60).c_str());
       }
-      if (!json) std::fprintf(stderr, "%zu dead letter(s) in %s\n", entries.size(), reader.stream().c_str());
+      if (!json) {
+        std::fprintf(stderr, "%zu dead letter(s) in %s\n", entries.size(), dlq.name().c_str());
+        if (not_letters > 0)
+          std::fprintf(stderr, "%zu message(s) in %s are not dead letters (skipped; `show SEQ` says why)\n",
+                       not_letters, dlq.name().c_str());
+      }
       return kExitOk;
     }
 
     if (show->parsed()) {
-      auto e = reader.find(show_id);
+      auto e = find(dlq, show_id);
       if (!e) {
-        std::cerr << "no dead letter " << show_id << " in " << reader.stream() << "\n";
+        std::cerr << "no dead letter " << show_id << " in " << dlq.name() << "\n";
         return kExitFailure;
       }
-      std::cout << "DLQ sequence: " << e->seq << "\nDLQ subject:  " << e->subject << "\n\nHeaders:\n";
-      for (const auto& [k, v] : e->letter.headers) std::cout << "  " << k << ": " << v << "\n";
-      std::cout << "\nContext:\n" << e->letter.context.to_json().dump(2) << "\n\nBody:\n";
-      auto parsed = nlohmann::json::parse(e->letter.body, nullptr, false);
-      std::cout << (parsed.is_discarded() ? e->letter.body : parsed.dump(2)) << "\n";
+      if (!e->letter) {
+        std::cerr << dlq.name() << " sequence " << e->seq << " is not a dead letter: " << e->problem << "\n";
+        return kExitFailure;
+      }
+      show_entry(*e, dlq.name(), json);
       return kExitOk;
     }
 
-    if (replay->parsed() || purge->parsed()) {
-      std::vector<Entry> targets;
+    if (replay_cmd->parsed() || purge_cmd->parsed()) {
+      const bool is_replay = replay_cmd->parsed();
+      std::vector<DlqEntry> targets;
       if (all) {
-        targets = reader.scan(filters);
+        targets = collect(dlq, filters);
       } else {
-        if (seqs.empty()) {
-          std::cerr << "give DLQ sequences or --all\n";
-          return kExitUsage;
-        }
         for (auto s : seqs) {
-          auto e = reader.get(s);
+          auto e = dlq.get(s);
           if (!e) {
-            std::cerr << "no dead letter at sequence " << s << " in " << reader.stream() << "\n";
+            std::cerr << "no dead letter at sequence " << s << " in " << dlq.name() << "\n";
+            return kExitFailure;
+          }
+          if (!e->letter && is_replay) {
+            std::cerr << dlq.name() << " sequence " << s << " is not a dead letter: " << e->problem << "\n";
             return kExitFailure;
           }
           targets.push_back(std::move(*e));
         }
       }
       if (targets.empty()) {
-        std::fprintf(stderr, "nothing matches\n");
+        if (json)
+          print_outcome({}, is_replay, true, dlq.name());
+        else
+          std::fprintf(stderr, "nothing matches\n");
         return kExitOk;
       }
-      const bool is_replay = replay->parsed();
       if (is_replay && dry_run) {
-        for (const auto& e : targets)
-          std::printf("would replay seq %llu %s -> %s\n", static_cast<unsigned long long>(e.seq),
-                      e.letter.context.event_id.c_str(), e.letter.original_subject.c_str());
+        for (const auto& e : targets) {
+          const auto& l = *e.letter;
+          const std::string to = replay_options.to_subject ? l.original_subject
+                                                           : "consumer " + l.context.consumer + " (replay route)";
+          if (json)
+            std::cout << nlohmann::json{{"seq", e.seq}, {"event_id", l.context.event_id}, {"to", to}}.dump() << "\n";
+          else
+            std::printf("would replay seq %llu %s -> %s\n", static_cast<unsigned long long>(e.seq),
+                        l.context.event_id.c_str(), to.c_str());
+        }
         std::fprintf(stderr, "%zu dead letter(s) would be replayed (dry run)\n", targets.size());
         return kExitOk;
       }
       std::string question = std::string(is_replay ? "Replay " : "Delete ") + std::to_string(targets.size()) +
-                             " dead letter(s) from " + reader.stream() + "?";
+                             " dead letter(s) from " + dlq.name() + "?";
       if (!confirm(question, yes)) return kExitFailure;
 
-      Publisher publisher(*nats);
-      Progress progress(targets.size(), is_replay ? "replaying" : "purging");
-      size_t done = 0, failed = 0;
-      for (const auto& e : targets) {
-        try {
-          if (is_replay) {
-            // Same body (so the envelope's event_id, and the inbox, recognise the event), but a fresh
-            // Nats-Msg-Id: JetStream would otherwise drop it as a duplicate inside its window.
-            RawMessage m;
-            m.subject = e.letter.original_subject;
-            m.payload = e.letter.body;
-            m.headers = e.letter.headers;
-            m.headers.erase("Nats-Msg-Id");
-            m.headers["x-replayed-from"] = reader.stream() + ":" + std::to_string(e.seq);
-            m.msg_id = (e.letter.context.event_id.empty() ? std::string("event") : e.letter.context.event_id) +
-                       "-replay-" + new_uuid().substr(0, 8);
-            auto r = publisher.publish_raw_batch({m});
-            if (!r[0]) throw PublishError("replay of seq " + std::to_string(e.seq) + ": " + r[0].error->message, r[0].error->status);
-          }
-          reader.remove(e.seq);  // only after the republish was acknowledged
-          ++done;
-        } catch (const std::exception& err) {
-          ++failed;
-          spdlog::error("{}", err.what());
-        }
-        progress.step(done + failed);
-      }
-      std::printf("%zu %s, %zu failed\n", done, is_replay ? "replayed" : "purged", failed);
-      return failed == 0 ? kExitOk : kExitFailure;
+      // From here an interrupt finishes what is in hand (the window of replays, or one delete).
+      std::signal(SIGINT, on_interrupt);
+      std::signal(SIGTERM, on_interrupt);
+      auto outcome = is_replay ? replay(*nats, config, dlq, targets, replay_options) : purge(dlq, targets);
+      print_outcome(outcome, is_replay, json, dlq.name());
+      if (outcome.interrupted) return kExitInterrupted;
+      return outcome.failed.empty() && outcome.not_removed.empty() ? kExitOk : kExitFailure;
     }
 
     if (stats->parsed()) {
-      auto entries = reader.scan({});
+      auto entries = collect(dlq, {});
       std::map<std::string, std::map<std::string, size_t>> by_topic;
       std::map<std::string, size_t> by_reason;
       for (const auto& e : entries) {
-        by_topic[e.topic][to_string(e.letter.context.reason)]++;
-        by_reason[to_string(e.letter.context.reason)]++;
+        by_topic[e.topic][e.letter->context.reason_text()]++;
+        by_reason[e.letter->context.reason_text()]++;
       }
       if (json) {
-        nlohmann::json j{{"stream", reader.stream()}, {"total", entries.size()}, {"by_reason", by_reason}, {"by_topic", by_topic}};
+        nlohmann::json j{{"stream", dlq.name()}, {"total", entries.size()}, {"by_reason", by_reason}, {"by_topic", by_topic}};
         std::cout << j.dump() << "\n";
       } else {
-        std::printf("%s: %zu dead letter(s)\n\n%-30s %-18s %s\n", reader.stream().c_str(), entries.size(), "TOPIC",
+        std::printf("%s: %zu dead letter(s)\n\n%-30s %-18s %s\n", dlq.name().c_str(), entries.size(), "TOPIC",
                     "REASON", "COUNT");
         for (const auto& [topic, reasons] : by_topic)
           for (const auto& [reason, n] : reasons) std::printf("%-30s %-18s %zu\n", topic.c_str(), reason.c_str(), n);
       }
       return kExitOk;
     }
+  } catch (const UsageError& e) {
+    std::cerr << "natspubsub-dlq: " << e.what() << "\n";
+    return kExitUsage;
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     return kExitFailure;

@@ -21,7 +21,9 @@
 // publish, wait for the PubAck, then TERM; if the DLQ publish fails, NAK instead), or discard
 // (ack and log). A failure on the last allowed attempt dead-letters. Long handlers keep their
 // message with in-progress signals. Messages the server gives up on (MaxDeliver reached after
-// crashes or ack timeouts) are dead-lettered from the MAX_DELIVERIES advisory.
+// crashes or ack timeouts) are dead-lettered from the MAX_DELIVERIES advisory. A dead letter
+// replayed with natspubsub-dlq comes back to the subscription that failed on it (and to no
+// other consumer of the subject) through its replay route, see ConsumerOptions::replay_route.
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -153,7 +155,12 @@ struct ConsumerOptions {
   bool ensure_topology = true;
   /// Dead-letter messages that reach MaxDeliver, from the server's advisory.
   bool capture_max_deliveries = true;
-  /// Prefix of DLQ subjects; default "dlq.{env}.{app}".
+  /// Also read this app's replays (natspubsub-dlq replay) for each subscription: a second durable
+  /// "{durable}-replay" on the replay stream "{env}-{app}-replay" (created in start() when
+  /// ensure_topology, else used when it exists), with the same handler, middleware and inbox.
+  /// Its stats are found by stats("{durable}-replay"), not in stats().
+  bool replay_route = true;
+    /// Prefix of DLQ subjects; default "dlq.{env}.{app}".
   std::string dlq_subject_prefix{};
   /// The deadline the destructor gives stop().
   Millis stop_timeout{30000};

@@ -4,7 +4,8 @@
 //
 // A DLQ message keeps the original body and headers and adds:
 //   x-dead-letter: true
-//   x-dlq-reason:  malformed | permanent_error | attempts_exhausted | max_deliveries
+//   x-dlq-reason:  malformed | permanent_error | attempts_exhausted | max_deliveries (a reader keeps
+//                  any other value as written: DlqReason::other with DlqContext::reason_name)
 //   x-deliveries:  how many times JetStream delivered the original
 //   x-dlq-context: JSON {event_id, reason, error_class, error_message, deliveries, original_subject,
 //                        stream, sequence, consumer, published_at, raw_base64, ...}
@@ -47,6 +48,22 @@ inline constexpr const char* kDlqContextHeader = "x-dlq-context";
 /// The original Nats-Msg-Id (the DLQ message carries its own, "dlq-{stream}-{sequence}-{consumer}").
 inline constexpr const char* kOriginalMsgIdHeader = "x-original-msg-id";
 
+// A replay (natspubsub-dlq replay) goes to the consumer that failed, not to every consumer of the
+// subject: it is published to that durable's replay subject "replay.{env}.{app}.{durable}" in the
+// app's replay stream "{env}-{app}-replay" (work-queue retention: gone once handled), which the
+// consumer runtime reads with a second durable "{durable}-replay" and the same handler, middleware
+// and inbox. These headers carry the original's coordinates; the runtime shows the message to the
+// handler under its original subject, stream and sequence, and under the failed durable's name.
+inline constexpr const char* kReplayedFromHeader = "x-replayed-from";            ///< "{dlq stream}:{seq}"
+inline constexpr const char* kReplayOriginalSubjectHeader = "x-original-subject";
+inline constexpr const char* kReplayOriginalStreamHeader = "x-original-stream";
+inline constexpr const char* kReplayOriginalSequenceHeader = "x-original-sequence";
+
+/// "replay.{env}.{app}.{durable}": where a replay for `durable` of the configured app is published.
+[[nodiscard]] std::string replay_subject(const Config& config, std::string_view durable);
+/// "{durable}-replay": the durable that reads `durable`'s replays from the replay stream.
+[[nodiscard]] std::string replay_durable(std::string_view durable);
+
 /// error_message is cut to this many bytes in the context, so a huge exception text cannot
 /// push a dead letter over the server's max_payload.
 inline constexpr size_t kMaxDlqErrorMessage = 1024;
@@ -56,6 +73,7 @@ enum class DlqReason {
   permanent_error,     ///< the handler threw PermanentError, or an error-policy rule said so
   attempts_exhausted,  ///< the handler failed on its last allowed attempt
   max_deliveries,      ///< the server gave up (MaxDeliver) without a verdict: crash, ack timeouts
+  other,               ///< a reason this version does not know (a newer writer): see DlqContext::reason_name
 };
 
 [[nodiscard]] const char* to_string(DlqReason reason) noexcept;
@@ -72,6 +90,8 @@ class DlqFormatError : public Error {
 struct DlqContext {
   std::string event_id;           ///< from the envelope, else the original Nats-Msg-Id, else empty
   DlqReason reason = DlqReason::permanent_error;
+  /// The reason as written in the letter; what to_json() writes when reason is `other`.
+  std::string reason_name;
   std::string error_class;        ///< the exception type, e.g. "natspubsub::PermanentError"
   std::string error_message;      ///< at most kMaxDlqErrorMessage bytes
   uint64_t deliveries = 0;
@@ -79,12 +99,18 @@ struct DlqContext {
   std::string stream;             ///< where the original still is
   uint64_t sequence = 0;
   std::string consumer;
+  /// When the failed message was a replay (natspubsub-dlq replay): its sequence in the replay
+  /// stream. Part of the DLQ Nats-Msg-Id, so a replay that fails again is a new dead letter, not a
+  /// duplicate of the one it was replayed from. 0 otherwise.
+  uint64_t replay_sequence = 0;
   SystemTime published_at{};      ///< when the dead letter was written
   std::string raw_base64;         ///< the original body, base64; empty when raw_omitted
   bool raw_omitted = false;       ///< raw_base64 left out to stay within max_payload (the body has the bytes)
   bool body_omitted = false;      ///< even the body did not fit: read the original at stream/sequence
   bool error_message_truncated = false;
 
+  /// The reason as text: reason_name for `other`, else to_string(reason).
+  [[nodiscard]] std::string reason_text() const;
   [[nodiscard]] nlohmann::json to_json() const;
   /// Throws DlqFormatError when a required field is missing or has the wrong type.
   [[nodiscard]] static DlqContext from_json(const nlohmann::json& j);
@@ -98,7 +124,7 @@ struct DeadLetter {
   DlqContext context;
 
   /// The Nats-Msg-Id of the DLQ message: "dlq-{stream}-{sequence}-{consumer}" ("dlq-{stream}-{sequence}"
-  /// when the consumer is empty).
+  /// when the consumer is empty), plus "-replay-{replay_sequence}" for a failed replay.
   [[nodiscard]] std::string msg_id() const;
 };
 

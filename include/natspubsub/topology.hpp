@@ -85,6 +85,10 @@ class Topology {
   [[nodiscard]] static StreamSpec events_stream_spec(const Config& config);
   /// The DLQ stream of the configured app: name "{env}-{app}-dlq", subjects "dlq.{env}.{app}.>".
   [[nodiscard]] static StreamSpec dlq_stream_spec(const Config& config);
+  /// The replay stream of the configured app: name "{env}-{app}-replay", subjects
+  /// "replay.{env}.{app}.>", work-queue retention. natspubsub-dlq replays a dead letter into it on
+  /// the failed durable's replay subject (dlq.hpp: replay_subject), so only that consumer sees it.
+  [[nodiscard]] static StreamSpec replay_stream_spec(const Config& config);
   /// "{env}-{app}-{filter made safe}"
   [[nodiscard]] static std::string consumer_name(const Config& config, std::string_view filter_subject);
   /// A durable pull consumer spec for `filter_subject` with the config's consumer defaults.
@@ -94,6 +98,7 @@ class Topology {
   StreamResult ensure_stream(const StreamSpec& spec);
   StreamResult ensure_events_stream();
   StreamResult ensure_dlq_stream();
+  StreamResult ensure_replay_stream();
   ConsumerResult ensure_consumer(const ConsumerSpec& spec, bool recreate = false);
 
   /// Every stream on the server with its subjects.
