@@ -262,11 +262,19 @@ TEST_CASE("30,000 letters without event ids replayed with --all: each exactly on
   write_letters(nats, config, "test-payments-bulk", kLetters);
 
   const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  const auto scan_start = std::chrono::steady_clock::now();
   auto stats = json_lines(testing::run_command(common + "stats --json 2>/dev/null").output);
+  MESSAGE("stats over " << kLetters << " letters took "
+          << std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - scan_start).count()
+          << " ms (tool start and connect included)");
   REQUIRE(stats.size() == 1);
   CHECK(stats[0]["total"] == kLetters);
 
+  const auto replay_start = std::chrono::steady_clock::now();
   auto replay = testing::run_command(common + "replay --all --yes --json 2>&1", 300s);
+  MESSAGE("replay --all of " << kLetters << " letters took "
+          << std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - replay_start).count()
+          << " ms");
   INFO(replay.output.substr(0, 2000));
   CHECK(replay.status == 0);
   auto out = json_lines(replay.output);
