@@ -549,3 +549,81 @@ TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothin
   for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
   CHECK(both == 0);
 }
+
+TEST_CASE("NatsPubsub's dead letters are listed beside ours, shown with their format, and replayed") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  write_letters(nats, config, "test-payments-ours", 1);
+  testing::RawNats raw(server.url());
+  // NatsPubsub's side, as its DlqHandler writes it (attaradev/nats-pubsub,
+  // packages/javascript/src/dlq/dlq-handler.ts): stream {env}-events-stream-dlq on {env}.{app}.dlq,
+  // a JSON wrapper with the original bytes in raw_base64 and nats.js headers as lists.
+  raw.add_stream("test-events-stream-dlq", {"test.payments.dlq"});
+  raw.add_stream("test-orders-events", {"test.orders.>"});
+  const std::string original =
+      R"({"event_id":"js-evt-1","schema_version":1,"topic":"order.created","producer":"orders",)"
+      R"("occurred_at":"2026-11-22T10:00:00.000Z","message":{"id":7}})";
+  nlohmann::json wrapper{{"event_id", "js-evt-1"},
+                         {"original_subject", "test.orders.order.created"},
+                         {"payload", nlohmann::json::parse(original)},
+                         {"raw_base64", base64_encode(original)},
+                         {"headers", {{"Nats-Msg-Id", {"js-evt-1"}}, {"topic", {"order.created"}}}},
+                         {"deliveries", 5},
+                         {"reason", "max_deliver_exceeded"},
+                         {"error", "TypeError: amount is undefined"},
+                         {"occurred_at", "2026-11-22T10:00:05.000Z"},
+                         {"failedSubscribers", {"BillingSubscriber"}}};
+  {
+    natsMsg* m = nullptr;
+    const auto body = wrapper.dump();
+    REQUIRE(natsMsg_Create(&m, "test.payments.dlq", nullptr, body.data(), static_cast<int>(body.size())) == NATS_OK);
+    natsMsgHeader_Set(m, "x-dead-letter", "true");
+    natsMsgHeader_Set(m, "x-dlq-reason", "max_deliver_exceeded");
+    natsMsgHeader_Set(m, "x-deliveries", "5");
+    natsMsgHeader_Set(m, "x-event-id", "js-evt-1");
+    jsPubAck* ack = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    REQUIRE(js_PublishMsg(&ack, raw.js(), m, nullptr, &jerr) == NATS_OK);
+    jsPubAck_Destroy(ack);
+    natsMsg_Destroy(m);
+  }
+
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto rows = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0]["format"] == "natspubsub");
+  CHECK(rows[1]["format"] == "natspubsub-js");
+  CHECK(rows[1]["dlq_stream"] == "test-events-stream-dlq");
+  CHECK(rows[1]["event_id"] == "js-evt-1");
+  CHECK(rows[1]["reason"] == "max_deliver_exceeded");
+  CHECK(rows[1]["error_class"] == "TypeError");
+  CHECK(rows[1]["deliveries"] == 5);
+  CHECK(rows[1]["topic"] == "order.created");
+  auto table = testing::run_command(common + "list 2>&1");
+  CHECK(table.output.find("test-events-stream-dlq:1") != std::string::npos);
+  CHECK(table.output.find("2 dead letter(s) in test-payments-dlq and test-events-stream-dlq") != std::string::npos);
+
+  auto show = json_lines(testing::run_command(common + "show test-events-stream-dlq:1 --json 2>/dev/null").output);
+  REQUIRE(show.size() == 1);
+  CHECK(show[0]["format"] == "natspubsub-js");
+  CHECK(show[0]["body"] == original);
+  auto by_id = json_lines(testing::run_command(common + "show js-evt-1 --json 2>/dev/null").output);
+  REQUIRE(by_id.size() == 1);
+  CHECK(by_id[0]["stream"] == "test-events-stream-dlq");
+
+  // It names no consumer of ours: the replay route refuses, --to-subject republishes the original bytes.
+  CHECK(testing::run_command(common + "replay test-events-stream-dlq:1 --yes 2>&1").status == 1);
+  auto replay = testing::run_command(common + "replay test-events-stream-dlq:1 --to-subject --yes 2>&1");
+  INFO(replay.output);
+  CHECK(replay.status == 0);
+  auto stored = raw.read_stream("test-orders-events");
+  REQUIRE(stored.size() == 1);
+  CHECK(stored[0].data == original);
+  CHECK(stored[0].subject == "test.orders.order.created");
+  CHECK(stored[0].topic == "order.created");
+  CHECK(raw.stream_messages("test-events-stream-dlq") == 0);
+  CHECK(raw.stream_messages(config.dlq_stream_name()) == 1);  // ours untouched
+  CHECK(testing::run_command(common + "show nosuch:1 2>&1").status == 2);
+}

@@ -1,10 +1,12 @@
 #include "dead_letter_stream.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 
 #include <nats/nats.h>
 
+#include <natspubsub/envelope.hpp>
 #include <natspubsub/subject.hpp>
 #include <natspubsub/topology.hpp>
 
@@ -48,30 +50,48 @@ std::string topic_of(const DeadLetter& l) {
   return second == std::string::npos ? s : s.substr(second + 1);
 }
 
-DeadLetterStream DeadLetterStream::locate(Connection& nats, const Config& config) {
+const char* to_string(DlqFormat format) noexcept {
+  return format == DlqFormat::natspubsub_js ? "natspubsub-js" : "natspubsub";
+}
+
+std::vector<DeadLetterStream> DeadLetterStream::locate_all(Connection& nats, const Config& config) {
   const std::string filter = "dlq." + config.env + "." + config.app + ".>";
   const std::string expected = config.dlq_stream_name();
-  Topology topology(nats);
-  std::optional<StreamSummary> found;
-  for (auto& s : topology.streams()) {
-    bool covers = false;
-    for (const auto& subject : s.subjects) covers = covers || subject::covers(subject, filter);
-    if (!covers) continue;
-    if (!found || s.name == expected) found = s;
+  // NatsPubsub's: stream "{env}-events-stream-dlq", subject "{env}.{app}.dlq". Only that name:
+  // an events stream on "{env}.{app}.>" captures the subject too, but holds no letters.
+  const std::string js_name = config.env + "-events-stream-dlq";
+  const std::string js_subject = config.env + "." + config.app + ".dlq";
+  auto covers = [](const StreamSummary& s, const std::string& subject) {
+    return std::any_of(s.subjects.begin(), s.subjects.end(),
+                       [&](const auto& mine) { return subject::covers(mine, subject); });
+  };
+  std::optional<StreamSummary> ours, theirs;
+  for (auto& s : Topology(nats).streams()) {
+    if (covers(s, filter) && (!ours || s.name == expected)) ours = s;
+    if (s.name == js_name && covers(s, js_subject)) theirs = s;
   }
-  if (!found)
+  std::vector<DeadLetterStream> out;
+  if (ours) out.push_back(DeadLetterStream(nats, ours->name, filter, ours->messages, DlqFormat::natspubsub));
+  if (theirs)
+    out.push_back(DeadLetterStream(nats, theirs->name, js_subject, theirs->messages, DlqFormat::natspubsub_js));
+  if (out.empty())
     throw DlqStreamMissing("no stream holds " + filter + " (looked for " + expected +
-                           " or any stream capturing those subjects); check --env and --app (" + config.env + ", " +
-                           config.app + ")");
-  return DeadLetterStream(nats, found->name, filter, found->messages);
+                           " or any stream capturing those subjects, and for NatsPubsub's " + js_name + " on " +
+                           js_subject + "); check --env and --app (" + config.env + ", " + config.app + ")");
+  return out;
 }
+
+bool DeadLetterStream::holds(const std::string& subject) const { return subject::matches(filter_, subject); }
 
 DlqEntry DeadLetterStream::entry(uint64_t seq, std::string subject, std::string body, Headers headers) const {
   DlqEntry e;
+  e.stream = name_;
+  e.format = format_;
   e.seq = seq;
   e.subject = std::move(subject);
   try {
-    e.letter = parse_dead_letter(e.subject, body, headers);
+    e.letter = format_ == DlqFormat::natspubsub_js ? parse_natspubsub_js_letter(e.subject, body, headers)
+                                                   : parse_dead_letter(e.subject, body, headers);
     e.topic = topic_of(*e.letter);
   } catch (const DlqFormatError& err) {
     e.problem = err.what();
@@ -132,7 +152,7 @@ std::optional<DlqEntry> DeadLetterStream::get(uint64_t seq) const {
   if (s == NATS_NOT_FOUND || jerr == JSNoMessageFoundErr) return std::nullopt;
   if (s != NATS_OK) throw NatsError("reading " + name_ + " sequence " + std::to_string(seq) + ": " + status_text(s), s, jerr);
   std::string subject = natsMsg_GetSubject(raw);
-  if (subject.rfind(filter_.substr(0, filter_.size() - 1), 0) != 0) return std::nullopt;  // not a DLQ subject
+  if (!holds(subject)) return std::nullopt;  // not a DLQ subject
   return entry(seq, std::move(subject), body_of(raw), headers_of(raw));
 }
 
@@ -141,6 +161,65 @@ void DeadLetterStream::remove(uint64_t seq) const {
   natsStatus s = js_DeleteMsg(nats_->jetstream(), name_.c_str(), seq, nullptr, &jerr);
   if (s != NATS_OK)
     throw NatsError("deleting " + name_ + " sequence " + std::to_string(seq) + ": " + status_text(s), s, jerr);
+}
+
+DeadLetter parse_natspubsub_js_letter(std::string_view subject, std::string_view body, const Headers& headers) {
+  const std::string where = "NatsPubsub dead letter on " + std::string(subject);
+  auto marker = headers.find(kDeadLetterHeader);
+  if (marker == headers.end() || marker->second != "true") throw DlqFormatError(where + " has no x-dead-letter: true");
+  auto j = nlohmann::json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw DlqFormatError(where + ": the body is not a JSON object");
+  auto text = [&](const char* key) -> std::string {
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null()) return {};
+    return it->is_string() ? it->get<std::string>() : it->dump();
+  };
+  DeadLetter l;
+  l.original_subject = text("original_subject");
+  if (l.original_subject.empty()) throw DlqFormatError(where + ": no original_subject");
+  if (auto raw = text("raw_base64"); !raw.empty()) {
+    l.body = base64_decode(raw);  // throws DlqFormatError
+  } else if (auto p = j.find("payload"); p != j.end() && !p->is_null()) {
+    l.body = p->is_string() ? p->get<std::string>() : p->dump();
+  }
+  if (auto h = j.find("headers"); h != j.end() && h->is_object()) {
+    for (const auto& [key, value] : h->items()) {
+      if (value.is_string()) {
+        l.headers[key] = value.get<std::string>();
+      } else if (value.is_array()) {  // nats.js headers: each key a list of values
+        std::string joined;
+        for (const auto& v : value) {
+          if (!v.is_string()) continue;
+          if (!joined.empty()) joined += ", ";
+          joined += v.get<std::string>();
+        }
+        l.headers[key] = joined;
+      }
+    }
+  }
+  auto& c = l.context;
+  c.event_id = text("event_id");
+  if (auto it = headers.find("x-event-id"); c.event_id.empty() && it != headers.end()) c.event_id = it->second;
+  std::string reason = text("reason");
+  if (auto it = headers.find(kDlqReasonHeader); reason.empty() && it != headers.end()) reason = it->second;
+  if (reason.empty()) reason = "unknown";
+  c.reason = parse_dlq_reason(reason).value_or(DlqReason::other);
+  c.reason_name = reason;
+  c.error_message = text("error");
+  if (auto colon = c.error_message.find(": "); colon != std::string::npos && colon < 80) {
+    c.error_class = c.error_message.substr(0, colon);  // "Name: message", as NatsPubsub writes it
+    c.error_message = c.error_message.substr(colon + 2);
+  }
+  if (auto d = j.find("deliveries"); d != j.end() && d->is_number_unsigned()) c.deliveries = d->get<uint64_t>();
+  c.original_subject = l.original_subject;
+  if (auto at = text("occurred_at"); !at.empty()) {
+    try {
+      c.published_at = parse_timestamp(at, "occurred_at");
+    } catch (const std::exception&) {
+      // Shown as unknown rather than hiding the letter.
+    }
+  }
+  return l;
 }
 
 OriginalMessage read_original(Connection& nats, const DeadLetter& letter) {

@@ -112,10 +112,11 @@ nlohmann::json entry_json(const DlqEntry& e) {
           {"error_class", c.error_class},
           {"error_message", c.error_message},
           {"consumer", c.consumer},
-          {"stream", c.stream},
-          {"stream_seq", c.sequence},
+          {"dlq_stream", e.stream},
+          {"original_stream", c.stream},
+          {"original_seq", c.sequence},
           {"body_omitted", c.body_omitted},
-          {"format", "natspubsub"},
+          {"format", to_string(e.format)},
           {"dead_lettered_at", format_timestamp(c.published_at)}};
 }
 
@@ -165,38 +166,81 @@ class Progress {
   Clock::time_point last_{};
 };
 
-/// Every dead letter matching the filters, oldest first; counts what is no dead letter.
-std::vector<DlqEntry> collect(const DeadLetterStream& dlq, const Filters& f, size_t* not_letters = nullptr) {
+// The streams holding the app's letters: its own first (the one a bare sequence means), then
+// NatsPubsub's. A letter is named by "SEQ" in the first, or "STREAM:SEQ" in any.
+class Sources {
+ public:
+  explicit Sources(std::vector<DeadLetterStream> streams) : streams_(std::move(streams)) {}
+
+  [[nodiscard]] const std::vector<DeadLetterStream>& all() const { return streams_; }
+  [[nodiscard]] const DeadLetterStream& primary() const { return streams_.front(); }
+  [[nodiscard]] const DeadLetterStream& named(const std::string& name) const {
+    for (const auto& s : streams_)
+      if (s.name() == name) return s;
+    throw UsageError("no DLQ stream " + name + " (the app's are: " + names() + ")");
+  }
+  [[nodiscard]] std::string names() const {
+    std::string out;
+    for (const auto& s : streams_) out += (out.empty() ? "" : " and ") + s.name();
+    return out;
+  }
+  /// How a letter is named on the command line and in the table.
+  [[nodiscard]] std::string label(const DlqEntry& e) const {
+    return e.stream == primary().name() ? std::to_string(e.seq) : e.stream + ":" + std::to_string(e.seq);
+  }
+  /// "SEQ" or "STREAM:SEQ"; nullopt when it names no message; UsageError when it is no sequence.
+  [[nodiscard]] std::optional<DlqEntry> get(const std::string& spec) const {
+    const auto colon = spec.rfind(':');
+    const auto& stream = colon == std::string::npos ? primary() : named(spec.substr(0, colon));
+    const std::string number = colon == std::string::npos ? spec : spec.substr(colon + 1);
+    auto seq = parse_uint(number);
+    if (!seq || *seq == 0) throw UsageError("\"" + spec + "\" is not a DLQ sequence (SEQ or STREAM:SEQ)");
+    return stream.get(*seq);
+  }
+
+ private:
+  std::vector<DeadLetterStream> streams_;
+};
+
+/// Every dead letter matching the filters, oldest first per stream; counts what is no dead letter.
+std::vector<DlqEntry> collect(const Sources& sources, const Filters& f, size_t* not_letters = nullptr) {
   std::vector<DlqEntry> out;
-  Progress progress("reading");
-  dlq.scan(
-      [&](DlqEntry&& e) {
-        if (!e.letter) {
-          if (not_letters != nullptr) ++*not_letters;
-          spdlog::warn("{} sequence {} is not a dead letter: {}", dlq.name(), e.seq, e.problem);
-          return true;
-        }
-        if (!f.matches(e)) return true;
-        out.push_back(std::move(e));
-        return f.limit == 0 || out.size() < f.limit;
-      },
-      [&](uint64_t done, uint64_t total) { progress.step(done, total); });
+  for (const auto& dlq : sources.all()) {
+    Progress progress("reading");
+    bool more = true;
+    dlq.scan(
+        [&](DlqEntry&& e) {
+          if (!e.letter) {
+            if (not_letters != nullptr) ++*not_letters;
+            spdlog::warn("{} sequence {} is not a dead letter: {}", dlq.name(), e.seq, e.problem);
+            return true;
+          }
+          if (!f.matches(e)) return true;
+          out.push_back(std::move(e));
+          more = f.limit == 0 || out.size() < f.limit;
+          return more;
+        },
+        [&](uint64_t done, uint64_t total) { progress.step(done, total); });
+    if (!more) break;
+  }
   return out;
 }
 
-/// Finds by stream sequence (all digits) or by event id.
-std::optional<DlqEntry> find(const DeadLetterStream& dlq, const std::string& id) {
-  if (auto seq = parse_uint(id)) return dlq.get(*seq);
-  if (!id.empty() && id.find_first_not_of("0123456789") == std::string::npos)
-    throw UsageError("show: " + id + " is too large for a sequence");
+/// Finds by "SEQ", "STREAM:SEQ" or by event id.
+std::optional<DlqEntry> find(const Sources& sources, const std::string& id) {
+  const bool digits = !id.empty() && id.find_first_not_of("0123456789") == std::string::npos;
+  if (digits || id.find(':') != std::string::npos) return sources.get(id);
   std::optional<DlqEntry> found;
-  dlq.scan([&](DlqEntry&& e) {
-    if (e.letter && e.letter->context.event_id == id) {
-      found = std::move(e);
-      return false;
-    }
-    return true;
-  });
+  for (const auto& dlq : sources.all()) {
+    dlq.scan([&](DlqEntry&& e) {
+      if (e.letter && e.letter->context.event_id == id) {
+        found = std::move(e);
+        return false;
+      }
+      return true;
+    });
+    if (found) break;
+  }
   return found;
 }
 
@@ -273,7 +317,7 @@ struct ReplayOptions {
   std::string replay_id;
 };
 
-Outcome replay(Connection& nats, const Config& config, const DeadLetterStream& dlq, const std::vector<DlqEntry>& targets,
+Outcome replay(Connection& nats, const Config& config, const Sources& sources, const std::vector<DlqEntry>& targets,
                const ReplayOptions& options) {
   Outcome o;
   Publisher publisher(nats);
@@ -303,7 +347,7 @@ Outcome replay(Connection& nats, const Config& config, const DeadLetterStream& d
                               kReplayOriginalStreamHeader, kReplayOriginalSequenceHeader})
           m.headers.erase(h);
         if (!original_msg_id.empty()) m.headers[kOriginalMsgIdHeader] = original_msg_id;
-        m.headers[kReplayedFromHeader] = dlq.name() + ":" + std::to_string(e.seq);
+        m.headers[kReplayedFromHeader] = e.stream + ":" + std::to_string(e.seq);
         if (options.to_subject) {
           m.subject = l.original_subject;
         } else {
@@ -342,12 +386,12 @@ Outcome replay(Connection& nats, const Config& config, const DeadLetterStream& d
         continue;
       }
       try {
-        dlq.remove(seq);  // only after the replay was stored
+        sources.named(sent[i]->stream).remove(seq);  // only after the replay was stored
         o.done.push_back(seq);
       } catch (const std::exception& err) {
         o.not_removed.push_back(seq);
         spdlog::error("sequence {}: replayed to {} (sequence {}) but still in {}: {}; purge it or it may be replayed twice",
-                      seq, r.stream, r.sequence, dlq.name(), err.what());
+                      seq, r.stream, r.sequence, sent[i]->stream, err.what());
       }
     }
     handled = end;
@@ -357,14 +401,14 @@ Outcome replay(Connection& nats, const Config& config, const DeadLetterStream& d
   return o;
 }
 
-Outcome purge(const DeadLetterStream& dlq, const std::vector<DlqEntry>& targets) {
+Outcome purge(const Sources& sources, const std::vector<DlqEntry>& targets) {
   Outcome o;
   Progress progress("purging");
   size_t handled = 0;
   for (const auto& e : targets) {
     if (g_interrupted.load()) break;
     try {
-      dlq.remove(e.seq);
+      sources.named(e.stream).remove(e.seq);
       o.done.push_back(e.seq);
     } catch (const std::exception& err) {
       o.failed.push_back(e.seq);
@@ -376,19 +420,20 @@ Outcome purge(const DeadLetterStream& dlq, const std::vector<DlqEntry>& targets)
   return o;
 }
 
-void show_entry(const DlqEntry& e, const std::string& stream, bool json) {
+void show_entry(const DlqEntry& e, bool json) {
+  const auto& stream = e.stream;
   const auto& l = *e.letter;
   auto parsed = nlohmann::json::parse(l.body, nullptr, false);
   if (json) {
-    nlohmann::json j{{"stream", stream},         {"seq", e.seq},     {"subject", e.subject},
-                     {"format", "natspubsub"},   {"headers", l.headers}, {"context", l.context.to_json()},
+    nlohmann::json j{{"stream", stream},           {"seq", e.seq},         {"subject", e.subject},
+                     {"format", to_string(e.format)}, {"headers", l.headers}, {"context", l.context.to_json()},
                      {"body", l.body}};
     if (!parsed.is_discarded()) j["body_json"] = parsed;
     std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     return;
   }
   std::cout << "DLQ stream:   " << stream << "\nDLQ sequence: " << e.seq << "\nDLQ subject:  " << e.subject
-            << "\nFormat:       natspubsub\n\nHeaders:\n";
+            << "\nFormat:       " << to_string(e.format) << "\n\nHeaders:\n";
   for (const auto& [k, v] : l.headers) std::cout << "  " << k << ": " << v << "\n";
   std::cout << "\nContext:\n" << l.context.to_json().dump(2) << "\n\nBody:\n";
   if (l.context.body_omitted && l.body.empty())
@@ -473,10 +518,10 @@ int main(int argc, char** argv) {
   add_filters(list);
   std::string show_id;
   auto* show = cli.add_subcommand("show", "show one dead letter: headers, context, body");
-  show->add_option("id", show_id, "DLQ sequence or event id")->required();
-  std::vector<uint64_t> seqs;
+  show->add_option("id", show_id, "DLQ sequence (SEQ or STREAM:SEQ) or event id")->required();
+  std::vector<std::string> seqs;
   auto* replay_cmd = cli.add_subcommand("replay", "send dead letters back to the consumer that failed on them");
-  replay_cmd->add_option("seq", seqs, "DLQ sequences");
+  replay_cmd->add_option("seq", seqs, "DLQ sequences (SEQ, or STREAM:SEQ for another DLQ stream of the app)");
   replay_cmd->add_flag("--all", all, "every dead letter matching the filters");
   add_filters(replay_cmd);
   replay_cmd->add_flag("--dry-run", dry_run, "show what would be replayed");
@@ -487,7 +532,7 @@ int main(int argc, char** argv) {
                          "Nats-Msg-Id of the replay (one sequence only); the same id again inside the duplicate "
                          "window is not replayed twice (default: a new random id)");
   auto* purge_cmd = cli.add_subcommand("purge", "delete dead letters");
-  purge_cmd->add_option("seq", seqs, "DLQ sequences");
+  purge_cmd->add_option("seq", seqs, "DLQ sequences (SEQ, or STREAM:SEQ)");
   purge_cmd->add_flag("--all", all, "every dead letter matching the filters");
   add_filters(purge_cmd);
   purge_cmd->add_flag("--yes,-y", yes, "do not ask for confirmation");
@@ -540,18 +585,18 @@ int main(int argc, char** argv) {
       spdlog::error("NATS: {}", e.what());
       return kExitNats;
     }
-    std::optional<DeadLetterStream> found;
+    std::optional<Sources> found;
     try {
-      found.emplace(DeadLetterStream::locate(*nats, config));
+      found.emplace(DeadLetterStream::locate_all(*nats, config));
     } catch (const DlqStreamMissing& e) {
       spdlog::error("{}", e.what());
       return kExitConfig;
     }
-    const auto& dlq = *found;
+    const auto& sources = *found;
 
     if (list->parsed()) {
       size_t not_letters = 0;
-      auto entries = collect(dlq, filters, &not_letters);
+      auto entries = collect(sources, filters, &not_letters);
       if (!json)
         std::printf("%-6s %-24s %-18s %-4s %-30s %-36s %s\n", "SEQ", "DEAD_LETTERED_AT", "REASON", "DLV", "TOPIC",
                     "EVENT_ID", "ERROR");
@@ -561,31 +606,31 @@ int main(int argc, char** argv) {
           continue;
         }
         const auto& c = e.letter->context;
-        std::printf("%-6llu %-24s %-18s %-4llu %-30s %-36s %s\n", static_cast<unsigned long long>(e.seq),
+        std::printf("%-6s %-24s %-18s %-4llu %-30s %-36s %s\n", sources.label(e).c_str(),
                     format_timestamp(c.published_at).c_str(), short_text(c.reason_text(), 18).c_str(),
                     static_cast<unsigned long long>(c.deliveries), short_text(e.topic, 30).c_str(),
                     c.event_id.c_str(), short_text(c.error_message, 60).c_str());
       }
       if (!json) {
-        std::fprintf(stderr, "%zu dead letter(s) in %s\n", entries.size(), dlq.name().c_str());
+        std::fprintf(stderr, "%zu dead letter(s) in %s\n", entries.size(), sources.names().c_str());
         if (not_letters > 0)
           std::fprintf(stderr, "%zu message(s) in %s are not dead letters (skipped; `show SEQ` says why)\n",
-                       not_letters, dlq.name().c_str());
+                       not_letters, sources.names().c_str());
       }
       return kExitOk;
     }
 
     if (show->parsed()) {
-      auto e = find(dlq, show_id);
+      auto e = find(sources, show_id);
       if (!e) {
-        std::cerr << "no dead letter " << show_id << " in " << dlq.name() << "\n";
+        std::cerr << "no dead letter " << show_id << " in " << sources.names() << "\n";
         return kExitFailure;
       }
       if (!e->letter) {
-        std::cerr << dlq.name() << " sequence " << e->seq << " is not a dead letter: " << e->problem << "\n";
+        std::cerr << e->stream << " sequence " << e->seq << " is not a dead letter: " << e->problem << "\n";
         return kExitFailure;
       }
-      show_entry(*e, dlq.name(), json);
+      show_entry(*e, json);
       return kExitOk;
     }
 
@@ -593,16 +638,16 @@ int main(int argc, char** argv) {
       const bool is_replay = replay_cmd->parsed();
       std::vector<DlqEntry> targets;
       if (all) {
-        targets = collect(dlq, filters);
+        targets = collect(sources, filters);
       } else {
-        for (auto s : seqs) {
-          auto e = dlq.get(s);
+        for (const auto& s : seqs) {
+          auto e = sources.get(s);
           if (!e) {
-            std::cerr << "no dead letter at sequence " << s << " in " << dlq.name() << "\n";
+            std::cerr << "no dead letter at sequence " << s << " in " << sources.names() << "\n";
             return kExitFailure;
           }
           if (!e->letter && is_replay) {
-            std::cerr << dlq.name() << " sequence " << s << " is not a dead letter: " << e->problem << "\n";
+            std::cerr << e->stream << " sequence " << e->seq << " is not a dead letter: " << e->problem << "\n";
             return kExitFailure;
           }
           targets.push_back(std::move(*e));
@@ -610,7 +655,7 @@ int main(int argc, char** argv) {
       }
       if (targets.empty()) {
         if (json)
-          print_outcome({}, is_replay, true, dlq.name());
+          print_outcome({}, is_replay, true, sources.names());
         else
           std::fprintf(stderr, "nothing matches\n");
         return kExitOk;
@@ -621,29 +666,29 @@ int main(int argc, char** argv) {
           const std::string to = replay_options.to_subject ? l.original_subject
                                                            : "consumer " + l.context.consumer + " (replay route)";
           if (json)
-            std::cout << nlohmann::json{{"seq", e.seq}, {"event_id", l.context.event_id}, {"to", to}}.dump() << "\n";
+            std::cout << nlohmann::json{{"seq", e.seq}, {"dlq_stream", e.stream}, {"event_id", l.context.event_id}, {"to", to}}.dump() << "\n";
           else
-            std::printf("would replay seq %llu %s -> %s\n", static_cast<unsigned long long>(e.seq),
-                        l.context.event_id.c_str(), to.c_str());
+            std::printf("would replay seq %s %s -> %s\n", sources.label(e).c_str(), l.context.event_id.c_str(),
+                        to.c_str());
         }
         std::fprintf(stderr, "%zu dead letter(s) would be replayed (dry run)\n", targets.size());
         return kExitOk;
       }
       std::string question = std::string(is_replay ? "Replay " : "Delete ") + std::to_string(targets.size()) +
-                             " dead letter(s) from " + dlq.name() + "?";
+                             " dead letter(s) from " + sources.names() + "?";
       if (!confirm(question, yes)) return kExitFailure;
 
       // From here an interrupt finishes what is in hand (the window of replays, or one delete).
       std::signal(SIGINT, on_interrupt);
       std::signal(SIGTERM, on_interrupt);
-      auto outcome = is_replay ? replay(*nats, config, dlq, targets, replay_options) : purge(dlq, targets);
-      print_outcome(outcome, is_replay, json, dlq.name());
+      auto outcome = is_replay ? replay(*nats, config, sources, targets, replay_options) : purge(sources, targets);
+      print_outcome(outcome, is_replay, json, sources.names());
       if (outcome.interrupted) return kExitInterrupted;
       return outcome.failed.empty() && outcome.not_removed.empty() ? kExitOk : kExitFailure;
     }
 
     if (stats->parsed()) {
-      auto entries = collect(dlq, {});
+      auto entries = collect(sources, {});
       std::map<std::string, std::map<std::string, size_t>> by_topic;
       std::map<std::string, size_t> by_reason;
       for (const auto& e : entries) {
@@ -651,10 +696,13 @@ int main(int argc, char** argv) {
         by_reason[e.letter->context.reason_text()]++;
       }
       if (json) {
-        nlohmann::json j{{"stream", dlq.name()}, {"total", entries.size()}, {"by_reason", by_reason}, {"by_topic", by_topic}};
+        std::map<std::string, size_t> by_stream;
+        for (const auto& e : entries) by_stream[e.stream]++;
+        nlohmann::json j{{"stream", sources.primary().name()}, {"by_stream", by_stream}, {"total", entries.size()},
+                         {"by_reason", by_reason}, {"by_topic", by_topic}};
         std::cout << j.dump() << "\n";
       } else {
-        std::printf("%s: %zu dead letter(s)\n\n%-30s %-18s %s\n", dlq.name().c_str(), entries.size(), "TOPIC",
+        std::printf("%s: %zu dead letter(s)\n\n%-30s %-18s %s\n", sources.names().c_str(), entries.size(), "TOPIC",
                     "REASON", "COUNT");
         for (const auto& [topic, reasons] : by_topic)
           for (const auto& [reason, n] : reasons) std::printf("%-30s %-18s %zu\n", topic.c_str(), reason.c_str(), n);
