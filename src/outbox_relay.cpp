@@ -5,9 +5,13 @@
 #include <algorithm>
 #include <condition_variable>
 #include <random>
+#include <set>
 #include <thread>
 
+#include <nats/nats.h>
+
 #include <natspubsub/connection.hpp>
+#include <natspubsub/dlq.hpp>
 #include <natspubsub/envelope.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
@@ -29,6 +33,49 @@ Headers to_headers(const nlohmann::json& j) {
   if (!j.is_object()) return h;
   for (const auto& [key, value] : j.items()) h[key] = value.is_string() ? value.get<std::string>() : value.dump();
   return h;
+}
+
+bool control_char(unsigned char c) { return c < 0x20 || c == 0x7f; }
+
+// Why nats-server could not take this row as a message, or nullopt. A row written by hand can
+// hold anything; sent as it is, a blank in the subject or a line break in a header makes the
+// server close the connection (a protocol error), which fails every message in flight with it.
+std::optional<std::string> publish_problem(const OutboxRow& row, size_t max_payload) {
+  const auto& s = row.subject;
+  if (s.empty()) return "the subject is empty";
+  for (unsigned char c : s) {
+    if (c == ' ' || c == '\t' || control_char(c)) return "the subject \"" + s + "\" has a blank or a control character";
+  }
+  size_t start = 0;
+  while (true) {
+    const auto dot = s.find('.', start);
+    const auto token = s.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (token.empty()) return "the subject \"" + s + "\" has an empty token";
+    if (token == "*" || token == ">") return "the subject \"" + s + "\" has a wildcard (publish needs a literal subject)";
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  if (row.event_id.empty()) return "event_id is empty (it becomes the Nats-Msg-Id)";
+  for (unsigned char c : row.event_id)
+    if (control_char(c)) return "event_id has a control character";
+  if (!row.headers.is_null() && !row.headers.is_object()) return "headers is not a JSON object";
+  Headers headers;
+  if (row.headers.is_object()) {
+    for (const auto& [key, value] : row.headers.items()) {
+      if (key.empty()) return "a header name is empty";
+      for (unsigned char c : key)
+        if (c <= ' ' || c == ':' || c == 0x7f) return "the header name \"" + key + "\" has a blank, ':' or a control character";
+      const std::string text = value.is_string() ? value.get<std::string>() : value.dump();
+      for (unsigned char c : text)
+        if (c == '\r' || c == '\n') return "the value of header " + key + " has a line break";
+      headers[key] = text;
+    }
+  }
+  headers["Nats-Msg-Id"] = row.event_id;
+  if (const auto size = wire_size(headers, row.payload.size()); size > max_payload)
+    return "headers and payload are " + std::to_string(size) + " bytes, over the server's max_payload of " +
+           std::to_string(max_payload);
+  return std::nullopt;
 }
 
 // Waits up to `d` unless stop is requested first.
@@ -100,6 +147,31 @@ std::size_t OutboxRelay::run_once() {
   auto rows = store.claim(o.relay_id, o.batch_size, o.lease);
   if (rows.empty()) return 0;
 
+  // Rows the server could not take are failed now, before anything is sent; the later rows of
+  // their key in this batch go back unpublished and then wait behind the failed row (claim rule).
+  natsConnection* nc = impl_->connection->native();
+  const int64_t server_max = nc != nullptr ? natsConnection_GetMaxPayload(nc) : 0;
+  const size_t max_payload = server_max > 0 ? static_cast<size_t>(server_max) : size_t{1024 * 1024};
+  std::vector<OutboxFailure> unpublishable;
+  std::vector<std::int64_t> held_back;
+  std::set<std::string> stopped_keys;
+  std::vector<OutboxRow> publishable;
+  publishable.reserve(rows.size());
+  for (auto& row : rows) {
+    if (row.partition_key && stopped_keys.count(*row.partition_key) > 0) {
+      held_back.push_back(row.id);
+      continue;
+    }
+    if (auto problem = publish_problem(row, max_payload)) {
+      unpublishable.push_back({row.id, "not publishable: " + *problem, Millis{0}});
+      if (row.partition_key) stopped_keys.insert(*row.partition_key);
+      continue;
+    }
+    publishable.push_back(std::move(row));
+  }
+  const size_t claimed = rows.size();
+  rows = std::move(publishable);
+
   std::vector<RawMessage> messages;
   messages.reserve(rows.size());
   for (const auto& row : rows) {
@@ -149,6 +221,8 @@ std::size_t OutboxRelay::run_once() {
       fr = store.mark_failed(o.relay_id, retryable, o.max_attempts);
     }
   }
+  refused.insert(refused.end(), unpublishable.begin(), unpublishable.end());
+  if (!held_back.empty()) released += store.release(o.relay_id, held_back);
   if (!refused.empty()) {
     // Refused by the server or invalid (too large, bad subject): another try cannot succeed.
     auto r = store.mark_failed(o.relay_id, refused, 1);
@@ -168,7 +242,7 @@ std::size_t OutboxRelay::run_once() {
   s.failed += fr.failed.size();
   s.released += released;
   for (size_t i = 0; i < acked.size(); ++i) s.publish_latency.record(seconds);
-  return rows.size();
+  return claimed;
 }
 
 std::size_t OutboxRelay::drain(std::stop_token stop) {

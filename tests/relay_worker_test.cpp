@@ -213,3 +213,56 @@ TEST_CASE("SIGTERM mid-drain: exits 0, nothing left claimed, nothing lost; /metr
   CHECK(count(path, "status = 'sent'") == kEvents);
   CHECK(raw.stream_messages("test-orders-events") == kEvents);
 }
+
+TEST_CASE("rows NATS cannot carry are failed at once; their key waits; nothing else is touched, no connection lost") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  auto base = kRelay + " --database sqlite://" + db + " --nats " + server.url() + " --env test --app orders --once 2>&1";
+  REQUIRE(testing::run_command(base).status == 0);  // migrated
+
+  // 1,000 unkeyed rows, then a key's run with a blank in the middle row's subject, a row whose
+  // header has a line break, then 1,000 more unkeyed rows: all inserted by hand.
+  const std::string unkeyed =
+      "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) "
+      "INSERT INTO natspubsub_outbox (event_id, subject, payload) SELECT printf('%s-%04d', i), "
+      "'test.orders.order.created', '{}' FROM n;";
+  auto sql = [&](const std::string& prefix) {
+    std::string s = unkeyed;
+    s.replace(s.find("'%s-"), 4, "'" + prefix + "-");
+    return s;
+  };
+  auto insert = testing::run_command(
+      "sqlite3 " + sh_quote(db) + " \"" + sql("first") +
+      " INSERT INTO natspubsub_outbox (event_id, subject, payload, partition_key) VALUES "
+      "('k-before', 'test.orders.order.created', '{}', 'k1'), "
+      "('k-bad', 'test.orders.order created', '{}', 'k1'), "
+      "('k-after', 'test.orders.order.created', '{}', 'k1');"
+      " INSERT INTO natspubsub_outbox (event_id, subject, payload, headers) VALUES "
+      "('bad-header', 'test.orders.order.created', '{}', json_object('x-note', 'a' || char(10) || 'b'));" +
+      sql("second") + "\" 2>&1");
+  INFO(insert.output);
+  REQUIRE(insert.status == 0);
+  REQUIRE(count(db, "1=1") == 2004);
+
+  const auto started = std::chrono::steady_clock::now();
+  auto run = testing::run_command(base);
+  const auto took = std::chrono::steady_clock::now() - started;
+  INFO(run.output.substr(0, 3000));
+  CHECK(run.status == 0);
+  CHECK(took < 8s);  // no batch waited out the 10 s ack timeout
+  CHECK(run.output.find("connection lost") == std::string::npos);
+  CHECK(run.output.find("reconnect") == std::string::npos);
+
+  CHECK(count(db, "status = 'sent'") == 2001);  // 2,000 unkeyed and the key's row before the bad one
+  CHECK(count(db, "event_id = 'k-before' AND status = 'sent'") == 1);
+  CHECK(count(db, "event_id = 'k-bad' AND status = 'failed' AND attempts = 1 AND last_error LIKE '%blank%'") == 1);
+  CHECK(count(db, "event_id = 'bad-header' AND status = 'failed' AND last_error LIKE '%line break%'") == 1);
+  CHECK(count(db, "event_id = 'k-after' AND status = 'pending' AND attempts = 0") == 1);  // waits behind k-bad
+  testing::RawNats raw(server.url());
+  CHECK(raw.stream_messages("test-orders-events") == 2001);
+
+  // Another pass keeps k-after waiting: the failed row still blocks its key.
+  CHECK(testing::run_command(base).status == 0);
+  CHECK(count(db, "event_id = 'k-after' AND status = 'pending'") == 1);
+}
