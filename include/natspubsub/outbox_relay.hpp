@@ -16,9 +16,11 @@
 // once every earlier row of its key is sent (see OutboxStore), so several relays keep per-key
 // order. Within one batch, if an earlier row of a key fails while a later one of the same key
 // succeeds, the later one is already in the stream: the relay does not claim further rows of the
-// key until the failed one is sent, but that one pair is out of order. It happens only when a
-// single message of the window fails (e.g. refused as too large); a lost connection fails every
-// message after it.
+// key until the failed one is sent, but that one pair is out of order. A row NATS cannot carry
+// is caught before publishing (failed, its key's later rows released), but a message the server
+// refuses, a PubAck timeout (e.g. while the stream elects a leader) or a message lost with a
+// dropped socket while cnats' reconnect buffer carries a later one through can each cause it.
+// Open: issue 11 asks for a mechanism that rules it out.
 #include <array>
 #include <atomic>
 #include <chrono>
