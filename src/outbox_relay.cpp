@@ -118,8 +118,21 @@ OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, Rela
   if (options.relay_id.empty()) options.relay_id = default_relay_id();
   if (options.batch_size == 0) throw ConfigError("relay.batch_size", "must be >= 1");
   if (options.max_attempts < 1) throw ConfigError("relay.max_attempts", "must be >= 1");
-  if (options.lease <= options.ack_timeout)
-    throw ConfigError("relay.lease", "must be longer than relay.ack_timeout (a batch must finish inside its lease)");
+  if (options.publish_window < 1) throw ConfigError("relay.publish_window", "must be >= 1");
+  if (options.ack_timeout.count() <= 0) throw ConfigError("relay.ack_timeout", "must be greater than 0 ms");
+  // With `publish_window` messages in flight, each waiting up to ack_timeout for its PubAck, a
+  // batch takes at most ceil(batch_size / publish_window) x ack_timeout. A lease that can end
+  // before that lets another relay claim rows that are still being published.
+  const auto rounds = (options.batch_size + static_cast<std::size_t>(options.publish_window) - 1) /
+                      static_cast<std::size_t>(options.publish_window);
+  const auto longest = options.ack_timeout * static_cast<int64_t>(rounds);
+  if (options.lease <= longest)
+    throw ConfigError("relay.lease", "must be longer than the longest a batch can take, ceil(batch_size " +
+                                         std::to_string(options.batch_size) + " / publish_window " +
+                                         std::to_string(options.publish_window) + ") x ack_timeout " +
+                                         std::to_string(options.ack_timeout.count()) + " ms = " +
+                                         std::to_string(longest.count()) +
+                                         " ms: raise the lease, or lower the batch size or the ack timeout");
   impl_->connection = &connection;
   impl_->database = &database;
   impl_->options = std::move(options);

@@ -51,7 +51,7 @@ void kill_relay_repeatedly(const std::string& database_url, const std::vector<st
   }
   testing::TempDir logs("relay-logs");
   const std::vector<std::string> args = {"--database", database_url, "--nats", server.url(), "--env", "test",
-                                         "--app", "orders", "--batch-size", "1000", "--lease", "1500",
+                                         "--app", "orders", "--batch-size", "250", "--lease", "1500",
                                          "--ack-timeout", "1000", "--poll-interval", "20"};
   auto rng = testing::fault_random(backend);
   testing::RawNats watcher(server.url());

@@ -254,7 +254,7 @@ TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothin
   const std::string relay = NATSPUBSUB_BINARY_DIR "/workers/natspubsub-relay";
   const std::vector<std::string> args = {relay,           "--database",    "sqlite://" + path, "--nats",
                                          server.url(),    "--env",         "test",             "--app",
-                                         "orders",        "--batch-size",  "1000",             "--lease",
+                                         "orders",        "--batch-size",  "250",              "--lease",
                                          "1500",          "--ack-timeout", "1000",             "--poll-interval",
                                          "20"};
   auto spawn = [&](bool once) {
@@ -304,4 +304,25 @@ TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothin
   CHECK(c.missing == 0);
   CHECK(c.stored == c.distinct);
   CHECK(c.stored == 20000);
+}
+
+TEST_CASE("a lease a batch could outlive is refused with the bound it must exceed") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  store::SqliteDatabase db(testing::sqlite_file(dir));
+  store::migrate(db);
+  Connection nats(testing::test_config(server.url(), "orders"));
+  RelayOptions o;
+  o.batch_size = 100000;  // 391 rounds of 256 messages, each up to 10 s
+  try {
+    OutboxRelay relay(nats, db, o);
+    FAIL("a 60 s lease was accepted for batches that can take 3,910 s");
+  } catch (const ConfigError& e) {
+    CHECK(e.field() == "relay.lease");
+    CHECK(std::string(e.what()).find("3910000 ms") != std::string::npos);
+  }
+  o.batch_size = 500;  // 2 rounds x 10 s = 20 s: inside the default 60 s lease
+  CHECK_NOTHROW(OutboxRelay(nats, db, o));
+  o.lease = Millis{20000};
+  CHECK_THROWS_AS(OutboxRelay(nats, db, o), ConfigError);
 }
