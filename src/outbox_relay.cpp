@@ -35,6 +35,22 @@ Headers to_headers(const nlohmann::json& j) {
   return h;
 }
 
+// Failures that say NATS or the stream is unavailable (no PubAck in time, as while a stream elects
+// a leader; the connection down), not that the row is wrong: they back off the relay, not the row.
+bool outage(const PublishFailure& f) {
+  switch (static_cast<natsStatus>(f.status)) {
+    case NATS_TIMEOUT:
+    case NATS_CONNECTION_CLOSED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_IO_ERROR:
+    case NATS_STALE_CONNECTION:
+      return true;
+    default:
+      return false;
+  }
+}
+
 bool control_char(unsigned char c) { return c < 0x20 || c == 0x7f; }
 
 // Why nats-server could not take this row as a message, or nullopt. A row written by hand can
@@ -111,6 +127,7 @@ struct OutboxRelay::Impl {
   mutable std::mutex stats_mutex;
   RelayStats stats;
   std::chrono::steady_clock::time_point last_cleanup{};
+  bool outage = false;  // the last run_once saw NATS or a stream not answering: back off
 };
 
 OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, RelayOptions options)
@@ -156,6 +173,7 @@ std::size_t OutboxRelay::run_once() {
   auto& store = *impl_->store;
   if (!impl_->connection->connected()) return 0;  // nothing would be acknowledged: leave rows for later
 
+  impl_->outage = false;
   const auto started = std::chrono::steady_clock::now();
   auto rows = store.claim(o.relay_id, o.batch_size, o.lease);
   if (rows.empty()) return 0;
@@ -202,6 +220,8 @@ std::size_t OutboxRelay::run_once() {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
   std::vector<std::int64_t> acked;
+  std::vector<std::int64_t> unavailable;  // NATS or the stream did not answer: released, no attempt
+  std::string unavailable_error;
   std::vector<OutboxFailure> retryable;
   std::vector<OutboxFailure> refused;
   uint64_t duplicates = 0;
@@ -210,6 +230,11 @@ std::size_t OutboxRelay::run_once() {
     if (r) {
       acked.push_back(rows[i].id);
       duplicates += r.duplicate ? 1 : 0;
+      continue;
+    }
+    if (outage(*r.error)) {
+      unavailable.push_back(rows[i].id);
+      if (unavailable_error.empty()) unavailable_error = r.error->message;
       continue;
     }
     OutboxFailure f{rows[i].id, r.error->message, backoff_delay(o.backoff, rows[i].attempts + 1)};
@@ -233,6 +258,13 @@ std::size_t OutboxRelay::run_once() {
     } else {
       fr = store.mark_failed(o.relay_id, retryable, o.max_attempts);
     }
+  }
+  if (!unavailable.empty()) {
+    released += store.release(o.relay_id, unavailable);
+    impl_->outage = true;
+    logger()->warn("outbox relay {}: {} of {} rows not acknowledged ({}); released without counting an attempt, "
+                   "the relay backs off",
+                   o.relay_id, unavailable.size(), rows.size(), unavailable_error);
   }
   refused.insert(refused.end(), unpublishable.begin(), unpublishable.end());
   if (!held_back.empty()) released += store.release(o.relay_id, held_back);
@@ -262,7 +294,7 @@ std::size_t OutboxRelay::drain(std::stop_token stop) {
   std::size_t total = 0;
   while (!stop.stop_requested()) {
     auto n = run_once();
-    if (n == 0) break;
+    if (n == 0 || impl_->outage) break;  // nothing left, or NATS is not answering: stop here
     total += n;
   }
   return total;
@@ -284,11 +316,20 @@ std::size_t OutboxRelay::cleanup() {
 void OutboxRelay::run(std::stop_token stop) {
   const auto& o = impl_->options;
   int consecutive_errors = 0;
+  int consecutive_outages = 0;
   logger()->info("outbox relay {} started (batch {}, window {})", o.relay_id, o.batch_size, o.publish_window);
   while (!stop.stop_requested()) {
     try {
       auto n = run_once();
       consecutive_errors = 0;
+      if (impl_->outage) {
+        // NATS or the stream did not answer: wait before the rows (released, no attempt counted)
+        // are tried again, 250 ms doubling to 30 s.
+        consecutive_outages++;
+        sleep_for(stop, std::min<Millis>(Millis{30000}, Millis{250} * (1 << std::min(consecutive_outages - 1, 7))));
+        continue;
+      }
+      consecutive_outages = 0;
       if (std::chrono::steady_clock::now() - impl_->last_cleanup >= o.cleanup_interval) {
         impl_->last_cleanup = std::chrono::steady_clock::now();
         if (auto cleaned = cleanup(); cleaned > 0) logger()->info("outbox cleanup deleted {} sent rows", cleaned);

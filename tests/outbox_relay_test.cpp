@@ -22,11 +22,13 @@
 #include <natspubsub/topology.hpp>
 
 #include "support/databases.hpp"
+#include "support/eventually.hpp"
 #include "support/nats_helpers.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
 using namespace std::chrono_literals;
+using natspubsub::testing::eventually;
 
 namespace {
 
@@ -325,4 +327,46 @@ TEST_CASE("a lease a batch could outlive is refused with the bound it must excee
   CHECK_NOTHROW(OutboxRelay(nats, db, o));
   o.lease = Millis{20000};
   CHECK_THROWS_AS(OutboxRelay(nats, db, o), ConfigError);
+}
+
+TEST_CASE("SQLite: NATS frozen under a draining relay (SIGSTOP): rows released without an attempt, all sent once, in key order") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  const auto path = testing::sqlite_file(dir);
+  store::SqliteDatabase db(path);
+  store::migrate(db);
+  auto ids = enqueue_sqlite(db, 6000, 40);
+  store::SqliteDatabase reader(path);  // the relay's connection is busy on its own thread
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+  auto o = fast_options();
+  o.ack_timeout = 500ms;
+  o.max_attempts = 2;  // were timeouts counted, rows would fail after two of them
+  OutboxRelay relay(nats, db, o);
+  std::jthread worker([&](std::stop_token st) { relay.run(st); });
+
+  REQUIRE(eventually([&] { return count_status(reader, "sent") > 0; }, 30s));
+  ::kill(server.pid(), SIGSTOP);  // the server keeps the socket but answers nothing
+  std::this_thread::sleep_for(3s);
+  ::kill(server.pid(), SIGCONT);
+  REQUIRE(eventually([&] { return count_status(reader, "sent") == 6000; }, 60s));
+  worker.request_stop();
+  worker.join();
+
+  const auto s = relay.stats();
+  MESSAGE("released " << s.released << " rows during the freeze; retried " << s.retried);
+  CHECK(s.released > 0);  // the freeze hit a batch
+  CHECK(s.retried == 0);
+  CHECK(s.failed == 0);
+  CHECK(count_status(reader, "failed") == 0);
+  int64_t with_attempts = 0;
+  reader.in_transaction([&](store::Transaction& tx) {
+    with_attempts = tx.query("SELECT COUNT(*) FROM natspubsub_outbox WHERE attempts > 0")[0].as_int(0);
+  });
+  CHECK(with_attempts == 0);
+  auto c = check_stream(server.url(), ids, 40);
+  CHECK(c.stored == 6000);
+  CHECK(c.distinct == 6000);
+  CHECK(c.missing == 0);
+  CHECK(c.out_of_order == 0);
 }
