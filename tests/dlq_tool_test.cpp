@@ -627,3 +627,317 @@ TEST_CASE("NatsPubsub's dead letters are listed beside ours, shown with their fo
   CHECK(raw.stream_messages(config.dlq_stream_name()) == 1);  // ours untouched
   CHECK(testing::run_command(common + "show nosuch:1 2>&1").status == 2);
 }
+
+// ---- review of issue 13: ways the guarantees still break ------------------------------------------
+
+TEST_CASE("review: a sequence given twice is replayed once") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  make_replay_route(nats, config, "test-payments-twice");
+  write_letters(nats, config, "test-payments-twice", 1);
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto rows = json_lines(testing::run_command(common + "list --json 2>/dev/null").output);
+  REQUIRE(rows.size() == 1);
+  const auto seq = std::to_string(rows[0]["seq"].get<uint64_t>());
+
+  // An operator pasting a list of sequences with a repeat: one letter, one replay.
+  auto r = testing::run_command(common + "replay " + seq + " " + seq + " --yes --json 2>&1");
+  INFO(r.output);
+  testing::RawNats raw(server.url());
+  CHECK(raw.stream_messages(Topology::replay_stream_spec(config).name) == 1);  // was 2: the consumer got it twice
+  CHECK(r.status == 0);
+  CHECK(raw.stream_messages(config.dlq_stream_name()) == 0);
+}
+
+TEST_CASE("review: a header that is not UTF-8 does not break --json output") {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  DeadLetter l;
+  l.original_subject = "test.orders.order.created";
+  l.body = "{}";
+  l.headers["topic"] = "order.\xff\xfe";  // bytes from a producer that is not careful
+  l.context.reason = DlqReason::malformed;
+  l.context.deliveries = 1;
+  l.context.stream = "test-orders-events";
+  l.context.sequence = 1;
+  l.context.consumer = "test-payments-x";
+  Publisher publisher(nats);
+  for (const auto& r : publisher.publish_raw_batch({make_dlq_message(l, dlq_subject(config, l.original_subject), 1024 * 1024)}))
+    REQUIRE(r);
+
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto list = testing::run_command(common + "list --json 2>&1");
+  INFO(list.output);
+  CHECK(list.status == 0);
+  CHECK(json_lines(list.output).size() == 1);
+  auto stats = testing::run_command(common + "stats --json 2>&1");
+  INFO(stats.output);
+  CHECK(stats.status == 0);  // was 1: "[json.exception.type_error.316] invalid UTF-8 byte"
+  auto s = json_lines(stats.output);
+  REQUIRE(s.size() == 1);
+  CHECK(s[0]["total"] == 1);
+}
+
+TEST_CASE("review: an existing stream overlapping the replay subjects does not stop Consumer::start()") {
+  // A deployment that ran fine before the replay route: some other stream of the account already
+  // uses subjects under "replay." that overlap "replay.test.payments.>" without capturing it.
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  testing::RawNats raw(server.url());
+  raw.add_stream("legacy-audit-replays", {"replay.*.payments.audit"});
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Consumer consumer(nats);
+  consumer.subscribe_subject("test.orders.>", [](const Message&) {});
+  CHECK_NOTHROW(consumer.start());  // was: OverlapError from ensure_replay_stream()
+  consumer.stop(5s);
+}
+
+TEST_CASE("review: a durable name near the server's 255-character limit still starts") {
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  const std::string durable(250, 'd');  // valid for the server (255 at most) and for the library
+  Consumer consumer(nats);
+  consumer.subscribe_subject("test.orders.>", [](const Message&) {}, {.durable = durable});
+  CHECK_NOTHROW(consumer.start());  // was: "consumer name is too long, maximum allowed is 255" for "{durable}-replay"
+  consumer.stop(5s);
+  CHECK(replay_durable(durable).size() <= 255);
+  CHECK(replay_durable("short") == "short-replay");
+  CHECK(replay_durable(durable) != replay_durable(std::string(249, 'd') + "e"));
+}
+
+TEST_CASE("review: a replay stream the consumer adopted is where the tool replays to") {
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  testing::RawNats raw(server.url());
+  raw.add_stream("ops-replays", {"replay.test.>"});  // an operator's stream: the consumer adopts it
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+
+  std::atomic<bool> healthy{false};
+  std::atomic<int> handled{0};
+  Consumer consumer(nats);
+  consumer.subscribe_subject("test.orders.order.created", [&](const Message&) {
+    if (!healthy) throw PermanentError("card declined");
+    ++handled;
+  }, {.durable = std::string("test-payments-charge")});
+  consumer.start();
+  Publisher publisher(orders);
+  REQUIRE(publisher.publish("order.created", {{"id", 1}}));
+  REQUIRE(eventually([&] { return consumer.stats().front().dead_lettered == 1; }));
+
+  healthy = true;
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto replay = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(replay.output);
+  CHECK(replay.status == 0);  // was 1: "no replay stream test-payments-replay", the letter kept
+  CHECK(replay.output.find("1 replayed, 0 failed") != std::string::npos);
+  CHECK(eventually([&] { return handled.load() == 1; }, 10s));
+  consumer.stop(5s);
+}
+
+TEST_CASE("review: a DLQ stream shared with other apps lists this app's 0 letters at once") {
+  testing::NatsServer server;
+  testing::RawNats raw(server.url());
+  raw.add_stream("ops-dead-letters", {"dlq.>"});  // one DLQ stream for every app
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  write_letters(orders, orders_config, "test-orders-x", 3);  // letters of another app only
+
+  const std::string tool = kTool + " --nats " + server.url() + " --env test --app payments ";
+  const auto start = std::chrono::steady_clock::now();
+  auto list = testing::run_command(tool + "list 2>&1");
+  const auto took = std::chrono::steady_clock::now() - start;
+  INFO(list.output);
+  CHECK(list.status == 0);  // was 1 after 10 s: "reading ops-dead-letters: no message for 10 s"
+  CHECK(list.output.find("0 dead letter(s) in ops-dead-letters") != std::string::npos);
+  CHECK(took < 5s);
+}
+
+TEST_CASE("review: a replay goes to the subscription that failed, not to another one with the same durable name") {
+  // Durable names are per stream: two services of one app may both call a durable "worker", on
+  // two streams. The letter names stream and consumer; the replay route is keyed by the name only.
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_events_stream();
+
+  std::atomic<int> a_handled{0}, b_handled{0};
+  std::atomic<bool> healthy{false};
+  {
+    Consumer a(nats);  // service A: orders events
+    a.subscribe_subject("test.orders.order.created", [&](const Message&) {
+      if (!healthy) throw PermanentError("card declined");
+      ++a_handled;
+    }, {.durable = std::string("worker")});
+    a.start();
+    REQUIRE(Publisher(orders).publish("order.created", {{"id", 1}}));
+    REQUIRE(eventually([&] { return a.stats().front().dead_lettered == 1; }));
+    a.stop(5s);
+  }
+  Consumer b(nats);  // service B: the app's own events, also durable "worker"
+  b.subscribe("refund.requested", [&](const Message&) { ++b_handled; }, {.durable = std::string("worker")});
+  b.start();
+
+  healthy = true;
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto replay = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(replay.output);
+  std::this_thread::sleep_for(2s);
+  CHECK(b_handled.load() == 0);  // B's handler must never see an orders event it never failed on
+  b.stop(5s);
+}
+
+TEST_CASE("review: measure - idle pull requests and threads with and without the replay route") {
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  testing::RawNats raw(server.url());
+  auto measure = [&](bool route) {
+    Connection nats(config);
+    Consumer consumer(nats, {.replay_route = route});
+    for (int i = 0; i < 10; ++i)
+      consumer.subscribe_subject("test.orders.t" + std::to_string(i), [](const Message&) {});
+    consumer.start();
+    std::this_thread::sleep_for(1s);
+    natsSubscription* sub = nullptr;
+    REQUIRE(natsConnection_SubscribeSync(&sub, raw.nc(), "$JS.API.CONSUMER.MSG.NEXT.>") == NATS_OK);
+    natsConnection_Flush(raw.nc());
+    std::this_thread::sleep_for(5s);
+    int pending = 0;
+    natsSubscription_GetPending(sub, &pending, nullptr);
+    natsSubscription_Destroy(sub);
+    int threads = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++threads;
+    consumer.stop(5s);
+    return std::pair<int, int>(pending, threads);
+  };
+  auto off = measure(false);
+  auto on = measure(true);
+  MESSAGE("10 idle subscriptions, 5 s: replay_route=false " << off.first << " pull requests, " << off.second
+          << " threads; replay_route=true " << on.first << " pull requests, " << on.second << " threads");
+}
+
+TEST_CASE("review: a --to-subject replay that fails again, body left out, can be replayed again") {
+  // The replay carries x-original-msg-id (the first original's id) and its own Nats-Msg-Id. When it
+  // fails again, the new letter must point at what is at context.stream/sequence: the replay.
+  testing::NatsServer::Options o;
+  o.max_payload = 4096;
+  testing::NatsServer server(o);
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  std::atomic<bool> healthy{false};
+  std::atomic<int> handled{0};
+  Consumer consumer(nats);
+  consumer.subscribe_subject("test.orders.order.created", [&](const Message&) {
+    if (!healthy) throw PermanentError("card declined");
+    ++handled;
+  }, {.durable = std::string("test-payments-charge")});
+  consumer.start();
+  REQUIRE(Publisher(orders).publish("order.created", {{"note", std::string(3600, 'x')}}));
+  REQUIRE(eventually([&] { return consumer.stats().front().dead_lettered == 1; }));
+
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  auto first = testing::run_command(common + "replay --all --to-subject --yes 2>&1");
+  INFO(first.output);
+  REQUIRE(first.status == 0);
+  REQUIRE(eventually([&] { return consumer.stats().front().dead_lettered == 2; }));  // failed again
+
+  healthy = true;
+  auto second = testing::run_command(common + "replay --all --yes 2>&1");
+  INFO(second.output);
+  CHECK(second.status == 0);  // was 1: "... is another message (Nats-Msg-Id differs): not replayed"
+  CHECK(second.output.find("1 replayed, 0 failed") != std::string::npos);
+  CHECK(eventually([&] { return handled.load() == 1; }, 10s));
+  consumer.stop(5s);
+}
+
+TEST_CASE("review: measure - a bulk replay drains through the route at concurrency 1") {
+  testing::NatsServer server;
+  auto orders_config = testing::test_config(server.url(), "orders");
+  Connection orders(orders_config);
+  Topology(orders).ensure_events_stream();
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  std::atomic<bool> healthy{false};
+  std::atomic<int> handled{0};
+  Consumer consumer(nats);
+  consumer.subscribe_subject("test.orders.order.created", [&](const Message&) {
+    if (!healthy) throw PermanentError("dependency down");
+    std::this_thread::sleep_for(20ms);  // a handler doing one database write
+    ++handled;
+  }, {.durable = std::string("test-payments-charge"), .concurrency = 8});
+  consumer.start();
+  constexpr int kEvents = 200;
+  Publisher publisher(orders);
+  for (int i = 0; i < kEvents; ++i) REQUIRE(publisher.publish("order.created", {{"id", i}}));
+  REQUIRE(eventually([&] { return consumer.stats().front().dead_lettered == kEvents; }, 30s));
+  healthy = true;
+  const std::string common = kTool + " --nats " + server.url() + " --env test --app payments ";
+  const auto start = std::chrono::steady_clock::now();
+  REQUIRE(testing::run_command(common + "replay --all --yes 2>&1").status == 0);
+  REQUIRE(eventually([&] { return handled.load() == kEvents; }, 60s));
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
+  MESSAGE(kEvents << " replays through the route, handler 20 ms, subscription concurrency 8: " << ms
+          << " ms (concurrency 8 would need about " << kEvents * 20 / 8 << " ms)");
+  consumer.stop(5s);
+}
+
+TEST_CASE("review: a replay whose acknowledgement was lost is not reported as 'not replayed' while stored") {
+  // The server stalls (GC pause, network) longer than the publish ack timeout, then goes on: the
+  // publishes it had received are stored. The tool must not keep those letters as "not replayed"
+  // without saying they may have been replayed (or, better, find out).
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "payments");
+  Connection nats(config);
+  Topology(nats).ensure_dlq_stream();
+  make_replay_route(nats, config, "test-payments-stall");
+  constexpr int kLetters = 20000;
+  write_letters(nats, config, "test-payments-stall", kLetters);
+  testing::RawNats raw(server.url());
+  const auto dlq = config.dlq_stream_name();
+  const auto replay_stream = Topology::replay_stream_spec(config).name;
+
+  testing::TempDir dir;
+  const auto log = dir.path() / "replay.log";
+  testing::detail::ChildProcess tool;
+  tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
+                       "--json"},
+              .log_file = log});
+  REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
+  ::kill(server.pid(), SIGSTOP);
+  std::this_thread::sleep_for(13s);  // past the tool's 10 s ack timeout
+  ::kill(server.pid(), SIGCONT);
+  REQUIRE(tool.wait_exit(120s));
+  INFO(testing::detail::file_tail(log));
+  std::this_thread::sleep_for(1s);
+  std::set<std::string> replayed_from;
+  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
+  size_t both = 0;
+  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  nlohmann::json outcome;
+  for (const auto& j : json_lines(testing::detail::file_from(log, 0)))
+    if (j.contains("replayed")) outcome = j;
+  MESSAGE("after a 13 s stall: " << both << " letters both in the replay stream and in the DLQ; tool said " << outcome.dump());
+  CHECK(both == 0);
+}
