@@ -274,6 +274,9 @@ struct Subscription {
 
 }  // namespace
 
+// Workers of a replay route (at most; never more than the subscription's own).
+constexpr int kReplayConcurrency = 4;
+
 struct Consumer::Impl {
   Connection* connection = nullptr;
   Config config;
@@ -982,30 +985,46 @@ struct Consumer::Impl {
     for (const auto& r : registrations) prepared.push_back(prepare(topology, r));  // throws: nothing started yet
 
     // The replay route: one more durable per subscription, on the replay stream, same handler.
+    // It is an extra: when it cannot be set up the subscription runs without it (warned), and
+    // natspubsub-dlq says so when asked to replay to it.
     if (options.replay_route) {
+      const auto spec = Topology::replay_stream_spec(config);
       bool have_stream = false;
-      if (options.ensure_topology) {
-        topology.ensure_replay_stream();
-        have_stream = true;
-      } else {
-        have_stream = topology.stream_for(Topology::replay_stream_spec(config).subjects.front()).has_value();
-        if (!have_stream)
-          logger()->info("no replay stream {}: replays reach these subscriptions only with natspubsub-dlq --to-subject",
-                         Topology::replay_stream_spec(config).name);
+      try {
+        if (options.ensure_topology) {
+          topology.ensure_replay_stream();
+          have_stream = true;
+        } else {
+          have_stream = topology.stream_for(spec.subjects.front()).has_value();
+          if (!have_stream)
+            logger()->info("no stream holds {}: replays reach these subscriptions only with natspubsub-dlq --to-subject",
+                           spec.subjects.front());
+        }
+      } catch (const Error& e) {
+        logger()->warn("replay route not available ({}): replays reach these subscriptions only with "
+                       "natspubsub-dlq --to-subject",
+                       e.what());
       }
-      for (size_t i = 0; have_stream && i < registrations.size(); ++i) {
+      const size_t mains = prepared.size();
+      for (size_t i = 0; have_stream && i < mains; ++i) {
+        const auto& main = *prepared[i];
         Registration rr = registrations[i];
-        rr.filter = replay_subject(config, rr.durable);
-        rr.durable = replay_durable(rr.durable);
+        rr.filter = replay_subject(config, main.stream, main.durable);
+        rr.durable = replay_durable(main.stream, main.durable);
         rr.own_topic = false;
-        // Replays are rare and come one operator command at a time: one worker is enough.
-        rr.options.concurrency = 1;
+        // Replays come one operator command at a time: a few workers, not the subscription's all.
+        rr.options.concurrency = std::min(main.concurrency, kReplayConcurrency);
         rr.options.prefetch = 0;
         rr.options.max_ack_pending.reset();
         rr.options.rate_limit.reset();
-        auto s = prepare(topology, rr);
-        s->replay_of = registrations[i].durable;
-        prepared.push_back(std::move(s));
+        try {
+          auto s = prepare(topology, rr);
+          s->replay_of = main.durable;
+          prepared.push_back(std::move(s));
+        } catch (const Error& e) {
+          logger()->warn("{}: replay route not available ({}): its replays need natspubsub-dlq --to-subject",
+                         main.durable, e.what());
+        }
       }
     }
 

@@ -1,6 +1,7 @@
 #include <natspubsub/dlq.hpp>
 
 #include <array>
+#include <cstdio>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/log.hpp>
@@ -157,11 +158,27 @@ std::string DeadLetter::msg_id() const {
   return id;
 }
 
-std::string replay_subject(const Config& config, std::string_view durable) {
-  return "replay." + config.env + "." + config.app + "." + std::string(durable);
+std::string replay_durable(std::string_view stream, std::string_view durable) {
+  // FNV-1a over "stream\ndurable": stable across versions and platforms (the tool and the runtime
+  // must agree), and neither name may contain a newline.
+  uint32_t h = 2166136261u;
+  auto mix = [&](std::string_view s) {
+    for (unsigned char c : s) {
+      h ^= c;
+      h *= 16777619u;
+    }
+  };
+  mix(stream);
+  mix("\n");
+  mix(durable);
+  char hex[9];
+  std::snprintf(hex, sizeof(hex), "%08x", h);
+  return std::string(durable.substr(0, 200)) + "-" + hex + "-replay";
 }
 
-std::string replay_durable(std::string_view durable) { return std::string(durable) + "-replay"; }
+std::string replay_subject(const Config& config, std::string_view stream, std::string_view durable) {
+  return "replay." + config.env + "." + config.app + "." + replay_durable(stream, durable);
+}
 
 std::string dlq_subject(const Config& config, std::string_view original_subject) {
   return "dlq." + config.env + "." + config.app + "." + std::string(original_subject);
@@ -186,10 +203,13 @@ RawMessage make_dlq_message(const DeadLetter& letter, const std::string& subject
 
   Headers original;
   for (const auto& [key, value] : letter.headers) {
-    if (key == "Nats-Msg-Id") original[kOriginalMsgIdHeader] = value;
     if (server_directive(key) || is_dlq_header(key)) continue;
     original[key] = value;
   }
+  // The failed message's own id, not one it carried from an earlier life: read_original checks
+  // the message at context.stream/sequence against it.
+  if (auto id = letter.headers.find("Nats-Msg-Id"); id != letter.headers.end())
+    original[kOriginalMsgIdHeader] = id->second;
 
   // Each step gives up something to fit max_payload; the original stays in its stream
   // (stream + sequence are always in the context), so nothing is lost for good.

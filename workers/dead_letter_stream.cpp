@@ -115,6 +115,18 @@ void DeadLetterStream::scan(const std::function<bool(DlqEntry&&)>& visit,
   SubPtr sub(raw, natsSubscription_Destroy);
   if (s != NATS_OK) throw NatsError("reading " + name_ + ": " + status_text(s), s, jerr);
   natsSubscription_SetPendingLimits(raw, -1, -1);
+  // How many messages under our subjects the server will send (a stream shared with other apps
+  // may hold none of ours): nothing to wait for when there are none left.
+  auto left = [&]() -> std::optional<uint64_t> {
+    jsConsumerInfo* ci = nullptr;
+    jsErrCode err = static_cast<jsErrCode>(0);
+    if (natsSubscription_GetConsumerInfo(&ci, raw, nullptr, &err) != NATS_OK || ci == nullptr) return std::nullopt;
+    const uint64_t n = ci->NumPending + static_cast<uint64_t>(ci->NumAckPending);
+    const bool delivered_none = ci->Delivered.Consumer == 0;
+    jsConsumerInfo_Destroy(ci);
+    return delivered_none ? n : std::optional<uint64_t>{};
+  };
+  if (auto n = left(); n && *n == 0) return;
 
   uint64_t done = 0;
   int quiet = 0;
@@ -125,6 +137,14 @@ void DeadLetterStream::scan(const std::function<bool(DlqEntry&&)>& visit,
       // Nothing for 2 s: done if the stream holds nothing after what we saw (letters deleted
       // meanwhile), else keep waiting a bounded while.
       if (++quiet >= 5) throw TimeoutError("reading " + name_ + ": no message for 10 s", s);
+      // Letters deleted while we read: done when the server has none of ours left to send.
+      jsConsumerInfo* ci = nullptr;
+      jsErrCode err = static_cast<jsErrCode>(0);
+      if (natsSubscription_GetConsumerInfo(&ci, raw, nullptr, &err) == NATS_OK && ci != nullptr) {
+        const bool none_left = ci->NumPending == 0;
+        jsConsumerInfo_Destroy(ci);
+        if (none_left) return;
+      }
       const auto now = Topology(*nats_).stream_info(name_);
       if (now.messages == 0 || now.last_sequence <= done) return;
       continue;

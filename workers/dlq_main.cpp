@@ -11,6 +11,7 @@
 #include <iostream>
 #include <map>
 #include <optional>
+#include <set>
 
 #include <nats/nats.h>
 #include <spdlog/spdlog.h>
@@ -37,6 +38,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int kExitInterrupted = 130;  // 128 + SIGINT, as shells report it
 constexpr size_t kReplayWindow = 256;  // replays in flight, then their letters are deleted
+constexpr int kUnansweredRetries = 3;  // rounds of asking again for replays without an answer
 
 // Set by SIGINT/SIGTERM during replay and purge; a lock-free atomic store is async-signal-safe.
 std::atomic<bool> g_interrupted{false};
@@ -244,45 +246,57 @@ std::optional<DlqEntry> find(const Sources& sources, const std::string& id) {
   return found;
 }
 
-// Where replays go: the failed consumer's replay route, checked once per consumer.
+// Where replays go: the failed consumer's replay route (its durable on the stream that holds
+// the replay subjects, the default one or one the consumer adopted), checked once per consumer.
 class ReplayRoutes {
  public:
-  ReplayRoutes(Connection& nats, const Config& config)
-      : nats_(nats), config_(config), stream_(Topology::replay_stream_spec(config).name) {}
+  ReplayRoutes(Connection& nats, const Config& config) : nats_(nats), config_(config) {}
 
-  /// The replay subject for `consumer`; throws DlqFormatError saying why there is none.
-  std::string subject_for(const std::string& consumer) {
-    if (consumer.empty())
+  /// The replay subject for `consumer` of `stream`; throws DlqFormatError saying why there is none.
+  std::string subject_for(const std::string& stream, const std::string& consumer) {
+    if (consumer.empty() || stream.empty())
       throw DlqFormatError("the letter names no consumer, so there is no replay route: use --to-subject");
-    auto it = checked_.find(consumer);
+    const std::string subject = replay_subject(config_, stream, consumer);
+    const std::string durable = replay_durable(stream, consumer);
+    auto it = checked_.find(subject);
     if (it == checked_.end()) {
       std::string problem;
       try {
-        if (!Topology(nats_).consumer_exists(stream_, replay_durable(consumer)))
-          problem = "consumer " + consumer + " has no replay durable " + replay_durable(consumer) + " on " + stream_;
+        Topology topology(nats_);
+        auto holder = topology.stream_for(subject);
+        if (!holder)
+          problem = "no stream holds the replay subjects " + Topology::replay_stream_spec(config_).subjects.front();
+        else if (!topology.consumer_exists(*holder, durable))
+          problem = "consumer " + consumer + " of " + stream + " has no replay durable " + durable + " on " + *holder;
       } catch (const NatsError& e) {
-        problem = "no replay stream " + stream_ + " (" + e.what() + ")";
+        problem = std::string("the replay route cannot be read: ") + e.what();
       }
       if (!problem.empty())
         problem += ": start that consumer once with this version (it creates its replay route), or use --to-subject";
-      it = checked_.emplace(consumer, problem).first;
+      it = checked_.emplace(subject, problem).first;
     }
     if (!it->second.empty()) throw DlqFormatError(it->second);
-    return replay_subject(config_, consumer);
+    return subject;
   }
 
  private:
   Connection& nats_;
   const Config& config_;
-  std::string stream_;
-  std::map<std::string, std::string> checked_;  // consumer -> problem ("" when routable)
+  std::map<std::string, std::string> checked_;  // replay subject -> problem ("" when routable)
 };
+
+// JSON for a person's terminal or a script: bytes that are not UTF-8 (a careless producer's
+// headers) are replaced, never a reason to fail the command.
+std::string json_text(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
 
 struct Outcome {
   std::vector<uint64_t> done;         // replayed (and removed) or purged
   std::vector<uint64_t> failed;       // not replayed / not purged: still in the DLQ
   std::vector<uint64_t> duplicates;   // of failed: the stream already held the replay id
   std::vector<uint64_t> not_removed;  // replayed, but still in the DLQ: the tool says so
+  std::vector<uint64_t> uncertain;    // of failed: never acknowledged, may have been stored
   bool interrupted = false;
 };
 
@@ -296,8 +310,9 @@ void print_outcome(const Outcome& o, bool is_replay, bool json, const std::strin
     if (is_replay) {
       j["duplicates"] = o.duplicates;
       j["replayed_not_removed"] = o.not_removed;
+      j["unacknowledged"] = o.uncertain;
     }
-    std::cout << j.dump() << "\n";
+    std::cout << json_text(j) << "\n";
     return;
   }
   std::printf("%zu %s, %zu failed\n", o.done.size(), is_replay ? "replayed" : "purged", o.failed.size());
@@ -307,6 +322,12 @@ void print_outcome(const Outcome& o, bool is_replay, bool json, const std::strin
   if (!o.not_removed.empty()) {
     std::printf("%zu replayed but still in %s (delete failed): sequences", o.not_removed.size(), stream.c_str());
     for (auto s : o.not_removed) std::printf(" %llu", static_cast<unsigned long long>(s));
+    std::printf("\n");
+  }
+  if (!o.uncertain.empty()) {
+    std::printf("%zu never acknowledged (they may have been replayed; kept in %s): sequences", o.uncertain.size(),
+                stream.c_str());
+    for (auto s : o.uncertain) std::printf(" %llu", static_cast<unsigned long long>(s));
     std::printf("\n");
   }
   if (o.interrupted) std::printf("interrupted: the rest were left in %s untouched\n", stream.c_str());
@@ -349,9 +370,12 @@ Outcome replay(Connection& nats, const Config& config, const Sources& sources, c
         if (!original_msg_id.empty()) m.headers[kOriginalMsgIdHeader] = original_msg_id;
         m.headers[kReplayedFromHeader] = e.stream + ":" + std::to_string(e.seq);
         if (options.to_subject) {
+          // A plain republish: it is the original from now on (its own Nats-Msg-Id, stream and
+          // sequence), so it carries no pointer back to the first one.
           m.subject = l.original_subject;
+          m.headers.erase(kOriginalMsgIdHeader);
         } else {
-          m.subject = routes.subject_for(l.context.consumer);
+          m.subject = routes.subject_for(l.context.stream, l.context.consumer);
           m.headers[kReplayOriginalSubjectHeader] = l.original_subject;
           if (!l.context.stream.empty() && l.context.sequence != 0) {
             m.headers[kReplayOriginalStreamHeader] = l.context.stream;
@@ -369,15 +393,40 @@ Outcome replay(Connection& nats, const Config& config, const Sources& sources, c
       }
     }
     auto results = publisher.publish_raw_batch(batch, {.window = static_cast<int>(kReplayWindow)});
+    // A publish without an answer (a stalled server, a lost connection) may still have been
+    // stored. The same message with the same Nats-Msg-Id again finds out: JetStream answers
+    // `duplicate` for one it holds. The id is ours alone (random, or --replay-id checked by the
+    // first answer), so a duplicate on a second try is our own first try.
+    std::vector<bool> retried(results.size(), false);
+    for (int round = 0; round < kUnansweredRetries; ++round) {
+      std::vector<size_t> again;
+      for (size_t i = 0; i < results.size(); ++i)
+        if (!results[i] && results[i].error->retryable) again.push_back(i);
+      if (again.empty()) break;
+      spdlog::warn("{} replay(s) not acknowledged ({}); asking again with the same ids", again.size(),
+                   results[again.front()].error->message);
+      std::vector<RawMessage> resend;
+      for (auto i : again) resend.push_back(batch[i]);
+      auto second = publisher.publish_raw_batch(resend, {.window = static_cast<int>(kReplayWindow)});
+      for (size_t k = 0; k < again.size(); ++k) {
+        results[again[k]] = std::move(second[k]);
+        retried[again[k]] = true;
+      }
+    }
     for (size_t i = 0; i < results.size(); ++i) {
       const auto& r = results[i];
       const auto seq = sent[i]->seq;
       if (!r) {
         o.failed.push_back(seq);
-        spdlog::error("sequence {}: not replayed, kept: {}", seq, r.error->message);
+        if (r.error->retryable && r.error->status != NATS_NO_RESPONDERS) {
+          o.uncertain.push_back(seq);
+          spdlog::error("sequence {}: never acknowledged ({}); it may have been replayed; kept", seq, r.error->message);
+        } else {
+          spdlog::error("sequence {}: not replayed, kept: {}", seq, r.error->message);
+        }
         continue;
       }
-      if (r.duplicate) {
+      if (r.duplicate && !retried[i]) {
         // JetStream dropped it: nothing new was stored, so the letter must stay.
         o.failed.push_back(seq);
         o.duplicates.push_back(seq);
@@ -385,10 +434,19 @@ Outcome replay(Connection& nats, const Config& config, const Sources& sources, c
                       batch[i].msg_id);
         continue;
       }
+      const auto& source = sources.named(sent[i]->stream);
       try {
-        sources.named(sent[i]->stream).remove(seq);  // only after the replay was stored
+        source.remove(seq);  // only after the replay was stored
         o.done.push_back(seq);
       } catch (const std::exception& err) {
+        // A delete whose answer was lost may have been carried out: look before saying it was not.
+        try {
+          if (!source.get(seq)) {
+            o.done.push_back(seq);
+            continue;
+          }
+        } catch (const std::exception&) {
+        }
         o.not_removed.push_back(seq);
         spdlog::error("sequence {}: replayed to {} (sequence {}) but still in {}: {}; purge it or it may be replayed twice",
                       seq, r.stream, r.sequence, sent[i]->stream, err.what());
@@ -429,18 +487,26 @@ void show_entry(const DlqEntry& e, bool json) {
                      {"format", to_string(e.format)}, {"headers", l.headers}, {"context", l.context.to_json()},
                      {"body", l.body}};
     if (!parsed.is_discarded()) j["body_json"] = parsed;
-    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    std::cout << json_text(j) << "\n";
     return;
   }
   std::cout << "DLQ stream:   " << stream << "\nDLQ sequence: " << e.seq << "\nDLQ subject:  " << e.subject
             << "\nFormat:       " << to_string(e.format) << "\n\nHeaders:\n";
-  for (const auto& [k, v] : l.headers) std::cout << "  " << k << ": " << v << "\n";
-  std::cout << "\nContext:\n" << l.context.to_json().dump(2) << "\n\nBody:\n";
+  // Control characters from a hostile producer are not sent to the operator's terminal.
+  auto printable = [](std::string s) {
+    for (auto& c : s)
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+    return s;
+  };
+  for (const auto& [k, v] : l.headers) std::cout << "  " << printable(k) << ": " << printable(v) << "\n";
+  std::cout << "\nContext:\n" << l.context.to_json().dump(2, ' ', false, nlohmann::json::error_handler_t::replace)
+            << "\n\nBody:\n";
   if (l.context.body_omitted && l.body.empty())
     std::cout << "(left out of the dead letter; the original is " << l.context.stream << " sequence "
               << l.context.sequence << ")\n";
   else
-    std::cout << (parsed.is_discarded() ? l.body : parsed.dump(2)) << "\n";
+    std::cout << (parsed.is_discarded() ? l.body : parsed.dump(2, ' ', false, nlohmann::json::error_handler_t::replace))
+              << "\n";
 }
 
 int outbox_command(const std::string& database_url, bool list_parsed, bool json, size_t limit, bool all,
@@ -462,10 +528,9 @@ int outbox_command(const std::string& database_url, bool list_parsed, bool json,
     if (!json) std::printf("%-8s %-36s %-8s %-40s %s\n", "ID", "EVENT_ID", "ATTEMPTS", "SUBJECT", "LAST_ERROR");
     for (const auto& r : rows) {
       if (json) {
-        std::cout << nlohmann::json{{"id", r.id}, {"event_id", r.event_id}, {"subject", r.subject},
-                                    {"attempts", r.attempts}, {"last_error", r.last_error.value_or("")},
-                                    {"created_at", format_timestamp(r.created_at)}}
-                         .dump()
+        std::cout << json_text({{"id", r.id}, {"event_id", r.event_id}, {"subject", r.subject},
+                                {"attempts", r.attempts}, {"last_error", r.last_error.value_or("")},
+                                {"created_at", format_timestamp(r.created_at)}})
                   << "\n";
       } else {
         std::printf("%-8lld %-36s %-8d %-40s %s\n", static_cast<long long>(r.id), r.event_id.c_str(), r.attempts,
@@ -478,7 +543,7 @@ int outbox_command(const std::string& database_url, bool list_parsed, bool json,
   if (!all && ids.empty()) throw UsageError("outbox retry: give row ids or --all");
   auto n = all ? store->retry_all_failed() : store->retry_failed(ids);
   if (json)
-    std::cout << nlohmann::json{{"pending_again", n}}.dump() << "\n";
+    std::cout << json_text({{"pending_again", n}}) << "\n";
   else
     std::printf("%zu row(s) pending again\n", n);
   return kExitOk;
@@ -602,7 +667,7 @@ int main(int argc, char** argv) {
                     "EVENT_ID", "ERROR");
       for (const auto& e : entries) {
         if (json) {
-          std::cout << entry_json(e).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+          std::cout << json_text(entry_json(e)) << "\n";
           continue;
         }
         const auto& c = e.letter->context;
@@ -653,6 +718,11 @@ int main(int argc, char** argv) {
           targets.push_back(std::move(*e));
         }
       }
+      {
+        // A sequence given twice is one letter: replayed (or purged) once.
+        std::set<std::pair<std::string, uint64_t>> seen;
+        std::erase_if(targets, [&](const DlqEntry& e) { return !seen.emplace(e.stream, e.seq).second; });
+      }
       if (targets.empty()) {
         if (json)
           print_outcome({}, is_replay, true, sources.names());
@@ -666,7 +736,7 @@ int main(int argc, char** argv) {
           const std::string to = replay_options.to_subject ? l.original_subject
                                                            : "consumer " + l.context.consumer + " (replay route)";
           if (json)
-            std::cout << nlohmann::json{{"seq", e.seq}, {"dlq_stream", e.stream}, {"event_id", l.context.event_id}, {"to", to}}.dump() << "\n";
+            std::cout << json_text({{"seq", e.seq}, {"dlq_stream", e.stream}, {"event_id", l.context.event_id}, {"to", to}}) << "\n";
           else
             std::printf("would replay seq %s %s -> %s\n", sources.label(e).c_str(), l.context.event_id.c_str(),
                         to.c_str());
@@ -679,8 +749,11 @@ int main(int argc, char** argv) {
       if (!confirm(question, yes)) return kExitFailure;
 
       // From here an interrupt finishes what is in hand (the window of replays, or one delete).
+      // SIGHUP too: an operator's SSH session that drops must not kill the tool between a window's
+      // replays and their deletes.
       std::signal(SIGINT, on_interrupt);
       std::signal(SIGTERM, on_interrupt);
+      std::signal(SIGHUP, on_interrupt);
       auto outcome = is_replay ? replay(*nats, config, sources, targets, replay_options) : purge(sources, targets);
       print_outcome(outcome, is_replay, json, sources.names());
       if (outcome.interrupted) return kExitInterrupted;
@@ -700,7 +773,7 @@ int main(int argc, char** argv) {
         for (const auto& e : entries) by_stream[e.stream]++;
         nlohmann::json j{{"stream", sources.primary().name()}, {"by_stream", by_stream}, {"total", entries.size()},
                          {"by_reason", by_reason}, {"by_topic", by_topic}};
-        std::cout << j.dump() << "\n";
+        std::cout << json_text(j) << "\n";
       } else {
         std::printf("%s: %zu dead letter(s)\n\n%-30s %-18s %s\n", sources.names().c_str(), entries.size(), "TOPIC",
                     "REASON", "COUNT");

@@ -156,9 +156,11 @@ struct ConsumerOptions {
   /// Dead-letter messages that reach MaxDeliver, from the server's advisory.
   bool capture_max_deliveries = true;
   /// Also read this app's replays (natspubsub-dlq replay) for each subscription: a second durable
-  /// "{durable}-replay" on the replay stream "{env}-{app}-replay" (created in start() when
-  /// ensure_topology, else used when it exists), with the same handler, middleware and inbox.
-  /// Its stats are found by stats("{durable}-replay"), not in stats().
+  /// replay_durable(stream, durable) (dlq.hpp) on the replay stream "{env}-{app}-replay" (created
+  /// in start() when ensure_topology, else used when it exists), with the same handler, middleware
+  /// and inbox, and up to 4 workers. When the route cannot be set up (a stream overlapping its
+  /// subjects, say) start() warns and goes on without it. Its stats are found by
+  /// stats(replay_durable(stream, durable)), not in stats().
   bool replay_route = true;
     /// Prefix of DLQ subjects; default "dlq.{env}.{app}".
   std::string dlq_subject_prefix{};

@@ -49,20 +49,24 @@ inline constexpr const char* kDlqContextHeader = "x-dlq-context";
 inline constexpr const char* kOriginalMsgIdHeader = "x-original-msg-id";
 
 // A replay (natspubsub-dlq replay) goes to the consumer that failed, not to every consumer of the
-// subject: it is published to that durable's replay subject "replay.{env}.{app}.{durable}" in the
+// subject: it is published to that durable's replay subject "replay.{env}.{app}.{route}" in the
 // app's replay stream "{env}-{app}-replay" (work-queue retention: gone once handled), which the
-// consumer runtime reads with a second durable "{durable}-replay" and the same handler, middleware
-// and inbox. These headers carry the original's coordinates; the runtime shows the message to the
-// handler under its original subject, stream and sequence, and under the failed durable's name.
+// consumer runtime reads with a second durable named {route} and the same handler, middleware and
+// inbox. {route} = replay_durable(stream, durable): durable names are per stream, so the route
+// names both (two subscriptions called "worker" on two streams get two routes). These headers
+// carry the original's coordinates: the runtime shows the replay to the handler under the original
+// subject and the failed durable's name (its metadata stays the replay's own delivery), and a
+// replay that fails again is dead-lettered pointing at the original's stream and sequence.
 inline constexpr const char* kReplayedFromHeader = "x-replayed-from";            ///< "{dlq stream}:{seq}"
 inline constexpr const char* kReplayOriginalSubjectHeader = "x-original-subject";
 inline constexpr const char* kReplayOriginalStreamHeader = "x-original-stream";
 inline constexpr const char* kReplayOriginalSequenceHeader = "x-original-sequence";
 
-/// "replay.{env}.{app}.{durable}": where a replay for `durable` of the configured app is published.
-[[nodiscard]] std::string replay_subject(const Config& config, std::string_view durable);
-/// "{durable}-replay": the durable that reads `durable`'s replays from the replay stream.
-[[nodiscard]] std::string replay_durable(std::string_view durable);
+/// The durable that reads the replays of `durable` on `stream`: "{durable}-{8 hex digits of a hash
+/// of stream and durable}-replay", the durable cut to 200 characters (names stay within 255).
+[[nodiscard]] std::string replay_durable(std::string_view stream, std::string_view durable);
+/// "replay.{env}.{app}.{replay_durable(stream, durable)}": where such a replay is published.
+[[nodiscard]] std::string replay_subject(const Config& config, std::string_view stream, std::string_view durable);
 
 /// error_message is cut to this many bytes in the context, so a huge exception text cannot
 /// push a dead letter over the server's max_payload.
