@@ -853,6 +853,19 @@ struct Consumer::Impl {
     spec.max_ack_pending = s->max_ack_pending;
     auto ensured = topology.ensure_consumer(spec);
     s->stream = ensured.stream;
+    if (ensured.action == EnsureAction::adopted) {
+      // The server redelivers after the durable's own ack wait (natspubsub topology mode: one
+      // made by NatsPubsub), so in-progress signals must come often enough for that one.
+      if (ensured.ack_wait.count() > 0 && ensured.ack_wait < s->ack_wait) {
+        s->ack_wait = ensured.ack_wait;
+        if (!o.in_progress_interval) s->in_progress_interval = s->ack_wait / 3;
+      }
+      s->max_deliver = ensured.max_deliver;
+      if (ensured.max_deliver > 0 && ensured.max_deliver < static_cast<int64_t>(s->max_attempts))
+        logger()->warn("{}: the durable found stops redelivering after {} deliveries, before max_attempts {}; "
+                       "the rest is dead-lettered from the MAX_DELIVERIES advisory",
+                       s->durable, ensured.max_deliver, s->max_attempts);
+    }
 
     // Bind to the durable we just ensured: cnats must neither create another consumer nor
     // delete this one when the subscription goes.

@@ -73,13 +73,19 @@ StreamSpec Topology::events_stream_spec(const Config& config) {
   StreamSpec s;
   s.name = config.events_stream_name();
   s.subjects = {config.env + "." + config.app + ".>"};
+  if (config.topology == TopologyMode::natspubsub) {
+    // NatsPubsub creates its stream with both its event subjects and the topics of its app; an
+    // app joining later adds its own "{env}.{app}.>" (ensure_stream extends an existing stream).
+    s.subjects.insert(s.subjects.begin(), config.env + ".events.>");
+  }
   s.memory_storage = config.stream.memory_storage;
   s.replicas = config.stream.replicas;
   s.duplicate_window = config.stream.duplicate_window;
   s.max_age = config.stream.max_age;
   s.max_bytes = config.stream.max_bytes;
   s.max_msgs = config.stream.max_msgs;
-  s.description = "events published by " + config.app + " (natspubsub)";
+  s.description = config.topology == TopologyMode::natspubsub ? "events of " + config.env + " (NatsPubsub layout)"
+                                                               : "events published by " + config.app + " (natspubsub)";
   return s;
 }
 
@@ -95,6 +101,13 @@ StreamSpec Topology::dlq_stream_spec(const Config& config) {
 }
 
 std::string Topology::consumer_name(const Config& config, std::string_view filter_subject) {
+  if (config.topology == TopologyMode::natspubsub) {
+    // NatsPubsub's rule, character by character: "acc.orders.>" gives "{app}_acc_orders__".
+    subject::validate_filter(filter_subject);
+    std::string name = config.app + "_";
+    for (char c : filter_subject) name += (c == '.' || c == '*' || c == '>') ? '_' : c;
+    return name;
+  }
   return config.env + "-" + config.app + "-" + subject::to_name(filter_subject);
 }
 
@@ -109,6 +122,7 @@ ConsumerSpec Topology::consumer_spec(const Config& config, std::string filter_su
   c.max_deliver = config.consumer.max_attempts + 2;
   c.max_ack_pending = config.consumer.max_ack_pending;
   c.description = "natspubsub durable of " + config.app;
+  c.adopt_existing = config.topology == TopologyMode::natspubsub;
   return c;
 }
 
@@ -359,11 +373,17 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
     create();
     logger()->info("consumer {} created on stream {} for {}", spec.durable, result.stream, spec.filter_subject);
     result.action = EnsureAction::created;
+    result.ack_wait = spec.ack_wait;
+    result.max_deliver = spec.max_deliver;
+    result.max_ack_pending = spec.max_ack_pending;
     return result;
   }
   detail::check(s, "reading consumer " + spec.durable, jerr);
 
   const jsConsumerConfig* have = info->Config;
+  result.ack_wait = Millis{have->AckWait / kNanosPerMilli};
+  result.max_deliver = have->MaxDeliver;
+  result.max_ack_pending = have->MaxAckPending;
   auto note = [&](const std::string& what, const std::string& from, const std::string& to) {
     if (from != to) result.changes.push_back(what + ": " + from + " -> " + to);
   };
@@ -377,6 +397,24 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   if (have->AckPolicy != js_AckExplicit) result.changes.push_back("ack policy -> explicit");
   if (result.changes.empty()) return result;
 
+  if (spec.adopt_existing) {
+    // Shared with instances in another language that created it with their own settings:
+    // changing it under them would change their retries, so it is used as found. What it
+    // cannot serve (other messages, push delivery, no acks) is still refused.
+    const std::string have_filter = have->FilterSubject ? have->FilterSubject : "";
+    if (have_filter != spec.filter_subject || have->DeliverSubject != nullptr || have->AckPolicy != js_AckExplicit)
+      throw TopologyError("consumer " + spec.durable + " on stream " + result.stream + " exists as filter \"" +
+                          have_filter + "\"" + (have->DeliverSubject != nullptr ? ", push" : "") +
+                          (have->AckPolicy != js_AckExplicit ? ", ack policy not explicit" : "") +
+                          "; a pull consumer with explicit acks on " + spec.filter_subject + " is needed");
+    result.not_applied = std::move(result.changes);
+    result.changes.clear();
+    result.action = EnsureAction::adopted;
+    logger()->warn("consumer {} on stream {} adopted as found; not applied: {}", spec.durable, result.stream,
+                   join(result.not_applied));
+    return result;
+  }
+
   jsConsumerInfo* updated_raw = nullptr;
   jsErrCode uerr = static_cast<jsErrCode>(0);
   natsStatus us = js_UpdateConsumer(&updated_raw, js, result.stream.c_str(), &cfg, nullptr, &uerr);
@@ -384,6 +422,9 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   if (us == NATS_OK) {
     logger()->info("consumer {} updated: {}", spec.durable, join(result.changes));
     result.action = EnsureAction::updated;
+    result.ack_wait = spec.ack_wait;
+    result.max_deliver = spec.max_deliver;
+    result.max_ack_pending = spec.max_ack_pending;
     return result;
   }
   const std::string reason = detail::last_error_text(us);
@@ -395,6 +436,9 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   delete_consumer(result.stream, spec.durable);
   create();
   result.action = EnsureAction::recreated;
+  result.ack_wait = spec.ack_wait;
+  result.max_deliver = spec.max_deliver;
+  result.max_ack_pending = spec.max_ack_pending;
   return result;
 }
 
