@@ -1,6 +1,8 @@
 #include <natspubsub/topology.hpp>
 
 #include <algorithm>
+#include <random>
+#include <thread>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
@@ -13,6 +15,9 @@ namespace natspubsub {
 namespace {
 
 constexpr int64_t kNanosPerMilli = 1000000;
+// How long after adding subjects to a stream we look whether a concurrent update replaced them:
+// well above one JetStream API round trip, the time between another process's read and write.
+constexpr Millis kSettleDelay{150};
 
 int64_t to_nanos(Millis m) { return m.count() * kNanosPerMilli; }
 
@@ -171,7 +176,9 @@ std::optional<std::string> Topology::stream_for(std::string_view filter) const {
   return std::nullopt;
 }
 
-StreamResult Topology::ensure_stream(const StreamSpec& spec) {
+StreamResult Topology::ensure_stream(const StreamSpec& spec) { return ensure_stream(spec, 5); }
+
+StreamResult Topology::ensure_stream(const StreamSpec& spec, int retries_left) {
   subject::validate_token(spec.name, "stream name");
   if (spec.subjects.empty()) throw TopologyError("stream " + spec.name + ": at least one subject is required");
   for (const auto& s : spec.subjects) subject::validate_filter(s);
@@ -235,6 +242,12 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
     jsErrCode jerr = static_cast<jsErrCode>(0);
     natsStatus s = js_AddStream(&raw, connection_->jetstream(), &cfg, nullptr, &jerr);
     detail::StreamInfoPtr si(raw);
+    if (s != NATS_OK && jerr == JSStreamNameExistErr && retries_left > 0) {
+      // Another process (a NatsPubsub instance, another app in the natspubsub mode) created it
+      // between our look and our create: extend theirs instead.
+      logger()->info("stream {} was created meanwhile by another process; ensuring it again", spec.name);
+      return ensure_stream(spec, retries_left - 1);
+    }
     if (s != NATS_OK && jerr == JSStreamSubjectOverlapErr)
       throw OverlapError("stream " + spec.name + ": the server reports overlapping subjects: " +
                              detail::last_error_text(s),
@@ -298,6 +311,20 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
     cfg->Subjects = saved_subjects;
     cfg->SubjectsLen = saved_len;
     detail::check(us, "updating stream " + spec.name, uerr);
+    // A stream update replaces the whole subject list and the server has no compare-and-set:
+    // another process adding its subject at the same moment (apps of one environment starting
+    // together in the natspubsub mode) may replace ours with a list read before our update.
+    // Look again once such an update would have landed, and add ours back; each process does
+    // the same for its own, so the list settles with everyone's (mixed_deployment_test).
+    if (!missing.empty() && retries_left > 0) {
+      thread_local std::mt19937 jitter{std::random_device{}()};
+      std::this_thread::sleep_for(kSettleDelay + Millis{std::uniform_int_distribution<int>(0, 100)(jitter)});
+      const auto now = stream_info(spec.name).subjects;
+      if (!std::all_of(missing.begin(), missing.end(), [&](const auto& m) { return covered_by(m, now); })) {
+        logger()->info("stream {}: our subjects were replaced by a concurrent update; ensuring it again", spec.name);
+        return ensure_stream(spec, retries_left - 1);
+      }
+    }
     if (!missing.empty()) result.changes.push_back("subjects: +" + join(missing));
     if (widen_dupes) result.changes.push_back("duplicate_window_ms: " + std::to_string(spec.duplicate_window.count()));
     result.action = EnsureAction::updated;
@@ -309,6 +336,16 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
 
 StreamResult Topology::ensure_events_stream() { return ensure_stream(events_stream_spec(connection_->config())); }
 StreamResult Topology::ensure_dlq_stream() { return ensure_stream(dlq_stream_spec(connection_->config())); }
+
+StreamResult Topology::ensure_app_subjects(std::string_view app) {
+  const auto& config = connection_->config();
+  if (config.topology != TopologyMode::natspubsub)
+    throw TopologyError("ensure_app_subjects: only in the natspubsub topology mode (one stream for every app)");
+  subject::validate_token(app, "app");
+  auto spec = events_stream_spec(config);
+  spec.subjects = {config.env + ".events.>", config.env + "." + std::string(app) + ".>"};
+  return ensure_stream(spec);
+}
 
 bool Topology::consumer_exists(const std::string& stream, const std::string& durable) const {
   jsConsumerInfo* raw = nullptr;

@@ -109,6 +109,10 @@ class Topology {
   StreamResult ensure_stream(const StreamSpec& spec);
   StreamResult ensure_events_stream();
   StreamResult ensure_dlq_stream();
+  /// Natspubsub mode: the shared events stream, with "{env}.{app}.>" of another app added. A
+  /// NatsPubsub app that starts after the stream exists never adds its own subjects, so its
+  /// publishes would find no stream; Consumer::start() calls this for the apps it subscribes to.
+  StreamResult ensure_app_subjects(std::string_view app);
   ConsumerResult ensure_consumer(const ConsumerSpec& spec, bool recreate = false);
 
   /// Every stream on the server with its subjects.
@@ -121,6 +125,7 @@ class Topology {
   void delete_consumer(const std::string& stream, const std::string& durable);
 
  private:
+  StreamResult ensure_stream(const StreamSpec& spec, int retries_left);
   Connection* connection_;
 };
 
