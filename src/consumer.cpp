@@ -930,6 +930,18 @@ struct Consumer::Impl {
       if (options.dlq_subject_prefix.empty()) topology.ensure_dlq_stream();
       if (std::any_of(registrations.begin(), registrations.end(), [](const auto& r) { return r.own_topic; }))
         topology.ensure_events_stream();
+      if (config.topology == TopologyMode::natspubsub) {
+        // Another app's topics on the shared stream: a NatsPubsub publisher that starts later
+        // finds the stream but never adds its subjects, so its events would go nowhere.
+        for (const auto& r : registrations) {
+          const auto first = r.filter.find('.');
+          const auto second = first == std::string::npos ? first : r.filter.find('.', first + 1);
+          if (second == std::string::npos || r.filter.compare(0, first, config.env) != 0) continue;
+          const std::string app = r.filter.substr(first + 1, second - first - 1);
+          if (app == "*" || app == ">" || app == "events" || topology.stream_for(r.filter)) continue;
+          topology.ensure_app_subjects(app);
+        }
+      }
     }
     dlq = std::make_unique<DlqPublisher>(*connection, options.dlq_subject_prefix);
     std::vector<std::unique_ptr<Subscription>> prepared;
