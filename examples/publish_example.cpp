@@ -12,7 +12,9 @@ int main() try {
   auto config = natspubsub::Config::from_env(natspubsub::Config::development("orders"));
 
   natspubsub::Connection nats(config);           // connects or throws
-  natspubsub::Topology(nats).ensure_events_stream();  // stream "development-orders-events"
+  // Stream "development-orders-events"; with NATSPUBSUB_TOPOLOGY=natspubsub NatsPubsub's
+  // "development-events-stream", shared with services on the JavaScript/Ruby libraries.
+  natspubsub::Topology(nats).ensure_events_stream();
 
   natspubsub::Publisher publisher(nats);
   auto ack = publisher.publish("order.created", {{"order_id", 1001}, {"amount_cents", 2599}});

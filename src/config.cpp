@@ -203,6 +203,20 @@ Config Config::preset(std::string_view name, std::string app) {
   throw ConfigError("preset", "must be development, production or testing");
 }
 
+const char* to_string(TopologyMode mode) noexcept {
+  switch (mode) {
+    case TopologyMode::standard: return "standard";
+    case TopologyMode::natspubsub: return "natspubsub";
+  }
+  return "unknown";
+}
+
+TopologyMode parse_topology_mode(std::string_view text, const std::string& field) {
+  if (text == "standard") return TopologyMode::standard;
+  if (text == "natspubsub") return TopologyMode::natspubsub;
+  throw ConfigError(field, "must be standard or natspubsub (got \"" + std::string(text) + "\")");
+}
+
 Config Config::from_json(const json& j) {
   JsonReader root(j, "");
   Config c;
@@ -213,6 +227,10 @@ Config Config::from_json(const json& j) {
   root.read("servers", c.servers);
   root.read("env", c.env);
   root.read("app", c.app);
+  if (const auto* v = root.find("topology")) {
+    if (!v->is_string()) throw ConfigError("topology", "must be a string: standard or natspubsub");
+    c.topology = parse_topology_mode(v->get<std::string>());
+  }
   if (const auto* v = root.find("credentials")) {
     JsonReader r(*v, "credentials");
     r.read("user", c.credentials.user);
@@ -285,6 +303,7 @@ Config Config::from_env(Config c) {
   if (const char* v = env_value("NATSPUBSUB_SERVERS")) c.servers = split_list(v);
   env_string("NATSPUBSUB_ENV", c.env);
   env_string("NATSPUBSUB_APP", c.app);
+  if (const char* v = env_value("NATSPUBSUB_TOPOLOGY")) c.topology = parse_topology_mode(v, "NATSPUBSUB_TOPOLOGY");
   env_string("NATSPUBSUB_USER", c.credentials.user);
   env_string("NATSPUBSUB_PASSWORD", c.credentials.password);
   env_string("NATSPUBSUB_TOKEN", c.credentials.token);
@@ -398,6 +417,7 @@ nlohmann::json Config::to_json() const {
       {"servers", servers},
       {"env", env},
       {"app", app},
+      {"topology", to_string(topology)},
       {"credentials",
        {{"user", credentials.user},
         {"password", credentials.password},
@@ -448,7 +468,10 @@ nlohmann::json Config::redacted_json() const {
 }
 
 std::string Config::subject(std::string_view topic) const { return subject::build(env, app, topic); }
-std::string Config::events_stream_name() const { return env + "-" + app + "-events"; }
+std::string Config::events_stream_name() const {
+  // NatsPubsub's stream is one per environment, shared by every app (its config.streamName).
+  return topology == TopologyMode::natspubsub ? env + "-events-stream" : env + "-" + app + "-events";
+}
 std::string Config::dlq_stream_name() const { return env + "-" + app + "-dlq"; }
 std::string Config::client_name() const { return connection.name.empty() ? env + "-" + app : connection.name; }
 

@@ -915,6 +915,19 @@ struct Consumer::Impl {
     spec.max_ack_pending = s->max_ack_pending;
     auto ensured = topology.ensure_consumer(spec);
     s->stream = ensured.stream;
+    if (ensured.action == EnsureAction::adopted) {
+      // The server redelivers after the durable's own ack wait (natspubsub topology mode: one
+      // made by NatsPubsub), so in-progress signals must come often enough for that one.
+      if (ensured.ack_wait.count() > 0 && ensured.ack_wait < s->ack_wait) {
+        s->ack_wait = ensured.ack_wait;
+        if (!o.in_progress_interval) s->in_progress_interval = s->ack_wait / 3;
+      }
+      s->max_deliver = ensured.max_deliver;
+      if (ensured.max_deliver > 0 && ensured.max_deliver < static_cast<int64_t>(s->max_attempts))
+        logger()->warn("{}: the durable found stops redelivering after {} deliveries, before max_attempts {}; "
+                       "the rest is dead-lettered from the MAX_DELIVERIES advisory",
+                       s->durable, ensured.max_deliver, s->max_attempts);
+    }
 
     // Bind to the durable we just ensured: cnats must neither create another consumer nor
     // delete this one when the subscription goes.
@@ -979,6 +992,18 @@ struct Consumer::Impl {
       if (options.dlq_subject_prefix.empty()) topology.ensure_dlq_stream();
       if (std::any_of(registrations.begin(), registrations.end(), [](const auto& r) { return r.own_topic; }))
         topology.ensure_events_stream();
+      if (config.topology == TopologyMode::natspubsub) {
+        // Another app's topics on the shared stream: a NatsPubsub publisher that starts later
+        // finds the stream but never adds its subjects, so its events would go nowhere.
+        for (const auto& r : registrations) {
+          const auto first = r.filter.find('.');
+          const auto second = first == std::string::npos ? first : r.filter.find('.', first + 1);
+          if (second == std::string::npos || r.filter.compare(0, first, config.env) != 0) continue;
+          const std::string app = r.filter.substr(first + 1, second - first - 1);
+          if (app == "*" || app == ">" || app == "events" || topology.stream_for(r.filter)) continue;
+          topology.ensure_app_subjects(app);
+        }
+      }
     }
     dlq = std::make_unique<DlqPublisher>(*connection, options.dlq_subject_prefix);
     std::vector<std::unique_ptr<Subscription>> prepared;

@@ -38,6 +38,22 @@ std::string random_hex(size_t digits) {
   return out;
 }
 
+// A foreign trace id as a W3C one: 32 hex digits in any case, or a UUID (8-4-4-4-12).
+std::optional<std::string> w3c_trace_id(std::string_view text) {
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (text.size() == 36 && (i == 8 || i == 13 || i == 18 || i == 23)) {
+      if (c != '-') return std::nullopt;
+      continue;
+    }
+    if (c >= 'A' && c <= 'F') c = static_cast<char>(c - 'A' + 'a');
+    out += c;
+  }
+  if (out.size() != 32 || !is_lower_hex(out) || all_zero(out)) return std::nullopt;
+  return out;
+}
+
 std::string demangle(const char* name) {
   int status = 0;
   char* readable = abi::__cxa_demangle(name, nullptr, nullptr, &status);
@@ -81,6 +97,7 @@ TraceContext TraceContext::child_of(const TraceContext& parent) {
   c.parent_span_id = parent.span_id;
   c.span_id = random_hex(16);
   c.flags = parent.flags;
+  c.origin_trace_id = parent.origin_trace_id;
   return c;
 }
 
@@ -192,13 +209,13 @@ Middleware trace_context() {
     TraceContext ctx;
     if (auto parent = TraceContext::parse(m.header("traceparent"))) {
       ctx = TraceContext::child_of(*parent);
-    } else if (m.envelope.trace_id && m.envelope.trace_id->size() == 32 && is_lower_hex(*m.envelope.trace_id) &&
-               !all_zero(*m.envelope.trace_id)) {
-      TraceContext root = TraceContext::new_root();
-      root.trace_id = *m.envelope.trace_id;
-      ctx = root;
     } else {
+      // NatsPubsub sends its trace id as a `trace_id` header (and in the envelope).
+      std::string given = m.header("trace_id");
+      if (given.empty() && m.envelope.trace_id) given = *m.envelope.trace_id;
       ctx = TraceContext::new_root();
+      if (auto id = w3c_trace_id(given)) ctx.trace_id = *id;
+      if (!given.empty() && given != ctx.trace_id) ctx.origin_trace_id = given;
     }
     TraceScope scope(std::move(ctx));
     next(m);

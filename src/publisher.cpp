@@ -168,7 +168,10 @@ RawMessage Publisher::prepare(const std::string& topic, const nlohmann::json& me
   e.message_type = options.message_type;
   // Inside a handler running under middleware::trace_context(), events carry its trace on.
   const auto trace = current_trace();
-  e.trace_id = options.trace_id ? options.trace_id : trace ? std::optional<std::string>(trace->trace_id) : std::nullopt;
+  if (options.trace_id)
+    e.trace_id = options.trace_id;
+  else if (trace)
+    e.trace_id = trace->origin_trace_id.empty() ? trace->trace_id : trace->origin_trace_id;
   raw.payload = e.encode();
   raw.msg_id = e.event_id;
   raw.headers = options.headers;

@@ -1,6 +1,8 @@
 #include <natspubsub/topology.hpp>
 
 #include <algorithm>
+#include <random>
+#include <thread>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
@@ -13,6 +15,9 @@ namespace natspubsub {
 namespace {
 
 constexpr int64_t kNanosPerMilli = 1000000;
+// How long after adding subjects to a stream we look whether a concurrent update replaced them:
+// well above one JetStream API round trip, the time between another process's read and write.
+constexpr Millis kSettleDelay{150};
 
 int64_t to_nanos(Millis m) { return m.count() * kNanosPerMilli; }
 
@@ -73,13 +78,19 @@ StreamSpec Topology::events_stream_spec(const Config& config) {
   StreamSpec s;
   s.name = config.events_stream_name();
   s.subjects = {config.env + "." + config.app + ".>"};
+  if (config.topology == TopologyMode::natspubsub) {
+    // NatsPubsub creates its stream with both its event subjects and the topics of its app; an
+    // app joining later adds its own "{env}.{app}.>" (ensure_stream extends an existing stream).
+    s.subjects.insert(s.subjects.begin(), config.env + ".events.>");
+  }
   s.memory_storage = config.stream.memory_storage;
   s.replicas = config.stream.replicas;
   s.duplicate_window = config.stream.duplicate_window;
   s.max_age = config.stream.max_age;
   s.max_bytes = config.stream.max_bytes;
   s.max_msgs = config.stream.max_msgs;
-  s.description = "events published by " + config.app + " (natspubsub)";
+  s.description = config.topology == TopologyMode::natspubsub ? "events of " + config.env + " (NatsPubsub layout)"
+                                                               : "events published by " + config.app + " (natspubsub)";
   return s;
 }
 
@@ -109,6 +120,13 @@ StreamSpec Topology::replay_stream_spec(const Config& config) {
 }
 
 std::string Topology::consumer_name(const Config& config, std::string_view filter_subject) {
+  if (config.topology == TopologyMode::natspubsub) {
+    // NatsPubsub's rule, character by character: "acc.orders.>" gives "{app}_acc_orders__".
+    subject::validate_filter(filter_subject);
+    std::string name = config.app + "_";
+    for (char c : filter_subject) name += (c == '.' || c == '*' || c == '>') ? '_' : c;
+    return name;
+  }
   return config.env + "-" + config.app + "-" + subject::to_name(filter_subject);
 }
 
@@ -123,6 +141,7 @@ ConsumerSpec Topology::consumer_spec(const Config& config, std::string filter_su
   c.max_deliver = config.consumer.max_attempts + 2;
   c.max_ack_pending = config.consumer.max_ack_pending;
   c.description = "natspubsub durable of " + config.app;
+  c.adopt_existing = config.topology == TopologyMode::natspubsub;
   return c;
 }
 
@@ -171,7 +190,9 @@ std::optional<std::string> Topology::stream_for(std::string_view filter) const {
   return std::nullopt;
 }
 
-StreamResult Topology::ensure_stream(const StreamSpec& spec) {
+StreamResult Topology::ensure_stream(const StreamSpec& spec) { return ensure_stream(spec, 5); }
+
+StreamResult Topology::ensure_stream(const StreamSpec& spec, int retries_left) {
   subject::validate_token(spec.name, "stream name");
   if (spec.subjects.empty()) throw TopologyError("stream " + spec.name + ": at least one subject is required");
   for (const auto& s : spec.subjects) subject::validate_filter(s);
@@ -235,6 +256,12 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
     jsErrCode jerr = static_cast<jsErrCode>(0);
     natsStatus s = js_AddStream(&raw, connection_->jetstream(), &cfg, nullptr, &jerr);
     detail::StreamInfoPtr si(raw);
+    if (s != NATS_OK && jerr == JSStreamNameExistErr && retries_left > 0) {
+      // Another process (a NatsPubsub instance, another app in the natspubsub mode) created it
+      // between our look and our create: extend theirs instead.
+      logger()->info("stream {} was created meanwhile by another process; ensuring it again", spec.name);
+      return ensure_stream(spec, retries_left - 1);
+    }
     if (s != NATS_OK && jerr == JSStreamSubjectOverlapErr)
       throw OverlapError("stream " + spec.name + ": the server reports overlapping subjects: " +
                              detail::last_error_text(s),
@@ -298,6 +325,20 @@ StreamResult Topology::ensure_stream(const StreamSpec& spec) {
     cfg->Subjects = saved_subjects;
     cfg->SubjectsLen = saved_len;
     detail::check(us, "updating stream " + spec.name, uerr);
+    // A stream update replaces the whole subject list and the server has no compare-and-set:
+    // another process adding its subject at the same moment (apps of one environment starting
+    // together in the natspubsub mode) may replace ours with a list read before our update.
+    // Look again once such an update would have landed, and add ours back; each process does
+    // the same for its own, so the list settles with everyone's (mixed_deployment_test).
+    if (!missing.empty() && retries_left > 0) {
+      thread_local std::mt19937 jitter{std::random_device{}()};
+      std::this_thread::sleep_for(kSettleDelay + Millis{std::uniform_int_distribution<int>(0, 100)(jitter)});
+      const auto now = stream_info(spec.name).subjects;
+      if (!std::all_of(missing.begin(), missing.end(), [&](const auto& m) { return covered_by(m, now); })) {
+        logger()->info("stream {}: our subjects were replaced by a concurrent update; ensuring it again", spec.name);
+        return ensure_stream(spec, retries_left - 1);
+      }
+    }
     if (!missing.empty()) result.changes.push_back("subjects: +" + join(missing));
     if (widen_dupes) result.changes.push_back("duplicate_window_ms: " + std::to_string(spec.duplicate_window.count()));
     result.action = EnsureAction::updated;
@@ -311,6 +352,15 @@ StreamResult Topology::ensure_events_stream() { return ensure_stream(events_stre
 StreamResult Topology::ensure_dlq_stream() { return ensure_stream(dlq_stream_spec(connection_->config())); }
 
 StreamResult Topology::ensure_replay_stream() { return ensure_stream(replay_stream_spec(connection_->config())); }
+StreamResult Topology::ensure_app_subjects(std::string_view app) {
+  const auto& config = connection_->config();
+  if (config.topology != TopologyMode::natspubsub)
+    throw TopologyError("ensure_app_subjects: only in the natspubsub topology mode (one stream for every app)");
+  subject::validate_token(app, "app");
+  auto spec = events_stream_spec(config);
+  spec.subjects = {config.env + ".events.>", config.env + "." + std::string(app) + ".>"};
+  return ensure_stream(spec);
+}
 
 bool Topology::consumer_exists(const std::string& stream, const std::string& durable) const {
   jsConsumerInfo* raw = nullptr;
@@ -375,11 +425,17 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
     create();
     logger()->info("consumer {} created on stream {} for {}", spec.durable, result.stream, spec.filter_subject);
     result.action = EnsureAction::created;
+    result.ack_wait = spec.ack_wait;
+    result.max_deliver = spec.max_deliver;
+    result.max_ack_pending = spec.max_ack_pending;
     return result;
   }
   detail::check(s, "reading consumer " + spec.durable, jerr);
 
   const jsConsumerConfig* have = info->Config;
+  result.ack_wait = Millis{have->AckWait / kNanosPerMilli};
+  result.max_deliver = have->MaxDeliver;
+  result.max_ack_pending = have->MaxAckPending;
   auto note = [&](const std::string& what, const std::string& from, const std::string& to) {
     if (from != to) result.changes.push_back(what + ": " + from + " -> " + to);
   };
@@ -393,6 +449,24 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   if (have->AckPolicy != js_AckExplicit) result.changes.push_back("ack policy -> explicit");
   if (result.changes.empty()) return result;
 
+  if (spec.adopt_existing) {
+    // Shared with instances in another language that created it with their own settings:
+    // changing it under them would change their retries, so it is used as found. What it
+    // cannot serve (other messages, push delivery, no acks) is still refused.
+    const std::string have_filter = have->FilterSubject ? have->FilterSubject : "";
+    if (have_filter != spec.filter_subject || have->DeliverSubject != nullptr || have->AckPolicy != js_AckExplicit)
+      throw TopologyError("consumer " + spec.durable + " on stream " + result.stream + " exists as filter \"" +
+                          have_filter + "\"" + (have->DeliverSubject != nullptr ? ", push" : "") +
+                          (have->AckPolicy != js_AckExplicit ? ", ack policy not explicit" : "") +
+                          "; a pull consumer with explicit acks on " + spec.filter_subject + " is needed");
+    result.not_applied = std::move(result.changes);
+    result.changes.clear();
+    result.action = EnsureAction::adopted;
+    logger()->warn("consumer {} on stream {} adopted as found; not applied: {}", spec.durable, result.stream,
+                   join(result.not_applied));
+    return result;
+  }
+
   jsConsumerInfo* updated_raw = nullptr;
   jsErrCode uerr = static_cast<jsErrCode>(0);
   natsStatus us = js_UpdateConsumer(&updated_raw, js, result.stream.c_str(), &cfg, nullptr, &uerr);
@@ -400,6 +474,9 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   if (us == NATS_OK) {
     logger()->info("consumer {} updated: {}", spec.durable, join(result.changes));
     result.action = EnsureAction::updated;
+    result.ack_wait = spec.ack_wait;
+    result.max_deliver = spec.max_deliver;
+    result.max_ack_pending = spec.max_ack_pending;
     return result;
   }
   const std::string reason = detail::last_error_text(us);
@@ -411,6 +488,9 @@ ConsumerResult Topology::ensure_consumer(const ConsumerSpec& spec, bool recreate
   delete_consumer(result.stream, spec.durable);
   create();
   result.action = EnsureAction::recreated;
+  result.ack_wait = spec.ack_wait;
+  result.max_deliver = spec.max_deliver;
+  result.max_ack_pending = spec.max_ack_pending;
   return result;
 }
 

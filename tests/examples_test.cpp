@@ -17,6 +17,18 @@ TEST_CASE("publish_example stores one event") {
   CHECK(raw.stream_messages("development-orders-events") == 1);
 }
 
+TEST_CASE("publish_example in the natspubsub topology mode stores into NatsPubsub's stream") {
+  testing::NatsServer server;
+  auto r = testing::run_command("NATS_URL=" + server.url() +
+                                    " NATSPUBSUB_TOPOLOGY=natspubsub " NATSPUBSUB_BINARY_DIR "/examples/publish_example 2>&1",
+                                std::chrono::seconds(60));
+  INFO(r.output);
+  CHECK(r.status == 0);
+  CHECK(r.output.find("stored in development-events-stream at sequence 1") != std::string::npos);
+  testing::RawNats raw(server.url());
+  CHECK(raw.stream_messages("development-events-stream") == 1);
+}
+
 TEST_CASE("outbox_sqlite_example: order and event together, second delivery is a duplicate") {
   testing::TempDir dir;
   auto db = (dir.path() / "orders.db").string();

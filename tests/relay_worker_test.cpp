@@ -100,6 +100,32 @@ TEST_CASE("--once on an empty database migrates and exits 0; rows inserted by ha
   CHECK(header_kept);
 }
 
+TEST_CASE("--topology natspubsub: the relay joins NatsPubsub's stream made by another app") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  testing::RawNats raw(server.url());
+  raw.add_stream("test-events-stream", {"test.events.>", "test.shipping.>"});  // NatsPubsub app "shipping"
+  auto base = kRelay + " --database sqlite://" + db + " --nats " + server.url() + " --env test --app orders --once";
+
+  auto bad = testing::run_command(base + " --topology natspubsub-js 2>&1");
+  CHECK(bad.status == 3);
+  CHECK(bad.output.find("--topology") != std::string::npos);
+
+  REQUIRE(testing::run_command(base + " --topology natspubsub 2>&1").status == 0);  // migrates
+  REQUIRE(testing::run_command("sqlite3 " + sh_quote(db) +
+                               " \"INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES "
+                               "('44444444-4444-4444-8444-444444444444', 'test.orders.order.created', '{}');\"")
+              .status == 0);
+  auto r = testing::run_command("NATSPUBSUB_TOPOLOGY=natspubsub " + base + " 2>&1");  // the variable works too
+  INFO(r.output);
+  CHECK(r.status == 0);
+  auto stored = raw.read_stream("test-events-stream");
+  REQUIRE(stored.size() == 1);
+  CHECK(stored[0].msg_id == "44444444-4444-4444-8444-444444444444");
+  CHECK_THROWS((void)raw.stream_messages("test-orders-events"));  // no stream of its own
+}
+
 TEST_CASE("bad database URL, unreachable NATS, bad flags: one clear line and a documented exit code") {
   testing::NatsServer server;
   testing::TempDir dir;

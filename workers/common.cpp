@@ -13,6 +13,8 @@ void NatsFlags::add_to(CLI::App& cli) {
   cli.add_option("--nats", servers, "NATS server URL(s), comma-separated")->envname("NATS_URL");
   cli.add_option("--env", env, "environment (first subject token)")->envname("NATSPUBSUB_ENV");
   cli.add_option("--app", app, "application name")->envname("NATSPUBSUB_APP");
+  cli.add_option("--topology", topology, "standard, or natspubsub: NatsPubsub's stream and durable names (README)")
+      ->envname("NATSPUBSUB_TOPOLOGY");
   cli.add_option("--user", user, "NATS user")->envname("NATSPUBSUB_USER");
   cli.add_option("--password", password, "NATS password (prefer the environment variable)")->envname("NATSPUBSUB_PASSWORD");
   cli.add_option("--token", token, "NATS token (prefer the environment variable)")->envname("NATSPUBSUB_TOKEN");
@@ -41,6 +43,7 @@ Config NatsFlags::build() const {
   }
   if (!env.empty()) c.env = env;
   if (!app.empty()) c.app = app;
+  if (!topology.empty()) c.topology = parse_topology_mode(topology, "--topology");
   auto set = [](std::string& field, const std::string& value) {
     if (!value.empty()) field = value;
   };

@@ -19,12 +19,13 @@ enum ExitCode : int {
   kExitNats = 5,         ///< NATS could not be reached (or refused our credentials) at start
 };
 
-/// Flags that build a Config: --nats, --env, --app, --config, credentials and TLS.
+/// Flags that build a Config: --nats, --env, --app, --topology, --config, credentials and TLS.
 struct NatsFlags {
   std::string config_file;
   std::string servers;
   std::string env;
   std::string app;
+  std::string topology;  ///< "standard" or "natspubsub" (Config::topology)
   std::string user, password, token, creds_file, nkey_seed_file, nkey_public_key;
   std::string tls_ca, tls_cert, tls_key;
 

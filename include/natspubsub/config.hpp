@@ -70,10 +70,23 @@ struct ConsumerDefaults {
   Millis fetch_timeout{1000};           ///< how long one pull request waits for messages
 };
 
+/// Which names the library gives streams and durables.
+///  - standard: a stream per publishing app, "{env}-{app}-events" on "{env}.{app}.>"; durables
+///    "{env}-{consuming app}-{filter made safe}".
+///  - natspubsub: the names of the NatsPubsub JavaScript/Ruby libraries, so services in both
+///    languages share one stream and one durable per subscription: the stream
+///    "{env}-events-stream" on "{env}.events.>" plus each app's "{env}.{app}.>", durables
+///    "{app}_{filter with '.', '*' and '>' replaced by '_'}" (README: "Mixed deployments").
+enum class TopologyMode { standard, natspubsub };
+[[nodiscard]] const char* to_string(TopologyMode mode) noexcept;
+/// "standard" or "natspubsub"; ConfigError naming `field` otherwise.
+[[nodiscard]] TopologyMode parse_topology_mode(std::string_view text, const std::string& field = "topology");
+
 struct Config {
   std::vector<std::string> servers{"nats://127.0.0.1:4222"};
   std::string env = "development";
   std::string app;
+  TopologyMode topology = TopologyMode::standard;
   Credentials credentials;
   TlsSettings tls;
   ConnectionSettings connection;
@@ -107,7 +120,7 @@ struct Config {
 
   /// "{env}.{app}.{topic}" (validated).
   [[nodiscard]] std::string subject(std::string_view topic) const;
-  /// "{env}-{app}-events"
+  /// "{env}-{app}-events"; "{env}-events-stream" in the natspubsub topology mode.
   [[nodiscard]] std::string events_stream_name() const;
   /// "{env}-{app}-dlq"
   [[nodiscard]] std::string dlq_stream_name() const;

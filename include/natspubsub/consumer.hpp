@@ -111,7 +111,8 @@ class ErrorPolicy {
 /// Per-subscription settings; an empty field takes the Config's consumer default.
 /// Usable with designated initializers: `{.concurrency = 8, .max_attempts = 5}`.
 struct SubscriptionOptions {
-  std::optional<std::string> durable{};      ///< default "{env}-{app}-{filter made safe}"
+  std::optional<std::string> durable{};      ///< default Topology::consumer_name(): "{env}-{app}-{filter made safe}",
+                                             ///< in the natspubsub topology mode NatsPubsub's "{app}_{filter, '_' for . * >}"
   std::optional<int> concurrency{};          ///< handlers running at once (workers)
   /// Messages fetched ahead of free workers (default 0: a fetch never asks for more than the free
   /// workers). A prefetched message waits, kept alive with in-progress signals, and is handed back

@@ -43,6 +43,10 @@ struct TraceContext {
   std::string span_id;         ///< 16 lower-case hex digits, not all zero
   std::string parent_span_id;  ///< the span we continue from; empty for a new root
   uint8_t flags = 1;           ///< bit 0: sampled
+  /// The trace id as the sender wrote it when that differs from `trace_id`: NatsPubsub's
+  /// `trace_id` header and envelope field are free text (a UUID, "req-42"). Events published
+  /// in this trace carry it on in their envelope, so the sender's tools still find them.
+  std::string origin_trace_id;
 
   /// nullopt unless `header` is a valid version-00 traceparent.
   [[nodiscard]] static std::optional<TraceContext> parse(std::string_view header);
@@ -116,9 +120,11 @@ namespace middleware {
 /// Reports every call to `sink` (your metrics library), then rethrows a failure unchanged.
 [[nodiscard]] Middleware metrics(std::function<void(const HandlerObservation&)> sink);
 
-/// Continues the trace from the message's `traceparent` header (else starts one from the
-/// envelope's trace_id when it is a W3C trace id, else a new trace) and makes a child span
-/// current for the handler: see current_traceparent().
+/// Continues the trace from the message's `traceparent` header, else from NatsPubsub's
+/// `trace_id` header, else from the envelope's trace_id, and makes a child span current for the
+/// handler: see current_traceparent(). A trace_id of 32 hex digits or a UUID becomes the W3C
+/// trace id (lower case, no dashes); any other text starts a new W3C trace and is kept as
+/// TraceContext::origin_trace_id.
 [[nodiscard]] Middleware trace_context();
 
 }  // namespace middleware

@@ -11,6 +11,11 @@
 // NatsPubsub JavaScript/Ruby `{env}-events-stream` layout). An existing stream is never weakened:
 // differences in replicas, retention, storage or limits are logged and reported, not applied.
 // A consumer whose new config the server refuses is an error unless `recreate` is asked.
+//
+// In the natspubsub topology mode (Config::topology) the events stream is NatsPubsub's
+// "{env}-events-stream" and durables carry NatsPubsub's names; a durable found with another
+// configuration is adopted as it is (differences logged and reported in `not_applied`), because
+// the NatsPubsub instances sharing it expect their own settings.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -47,6 +52,10 @@ struct ConsumerSpec {
   std::vector<Millis> backoff; ///< server-side redelivery delays after ack timeouts (optional)
   int64_t max_ack_pending = 1000;
   std::string description;
+  /// An existing durable with other settings is used as found instead of updated (the
+  /// natspubsub topology mode). A different filter subject, a push consumer or an ack policy
+  /// other than explicit is still an error: such a durable cannot serve this subscription.
+  bool adopt_existing = false;
 };
 
 enum class EnsureAction { created, updated, unchanged, adopted, recreated };
@@ -65,6 +74,10 @@ struct ConsumerResult {
   std::string stream;
   std::string durable;
   std::vector<std::string> changes;
+  std::vector<std::string> not_applied;  ///< differences of an adopted durable, kept as found
+  Millis ack_wait{0};                    ///< the durable's settings on the server after the call
+  int64_t max_deliver = -1;
+  int64_t max_ack_pending = -1;
 };
 
 struct StreamSummary {
@@ -82,6 +95,7 @@ class Topology {
   explicit Topology(Connection& connection);
 
   /// The events stream of the configured app: name "{env}-{app}-events", subjects "{env}.{app}.>".
+  /// In the natspubsub mode: "{env}-events-stream" with "{env}.events.>" and "{env}.{app}.>".
   [[nodiscard]] static StreamSpec events_stream_spec(const Config& config);
   /// The DLQ stream of the configured app: name "{env}-{app}-dlq", subjects "dlq.{env}.{app}.>".
   [[nodiscard]] static StreamSpec dlq_stream_spec(const Config& config);
@@ -89,7 +103,8 @@ class Topology {
   /// "replay.{env}.{app}.>", work-queue retention. natspubsub-dlq replays a dead letter into it on
   /// the failed durable's replay subject (dlq.hpp: replay_subject), so only that consumer sees it.
   [[nodiscard]] static StreamSpec replay_stream_spec(const Config& config);
-  /// "{env}-{app}-{filter made safe}"
+  /// "{env}-{app}-{filter made safe}"; in the natspubsub mode "{app}_{filter with '.', '*', '>' -> '_'}"
+  /// (app billing, filter acc.orders.order.created: "billing_acc_orders_order_created").
   [[nodiscard]] static std::string consumer_name(const Config& config, std::string_view filter_subject);
   /// A durable pull consumer spec for `filter_subject` with the config's consumer defaults.
   /// MaxDeliver is set above max_attempts so the runtime, not the server, decides the last attempt.
@@ -99,6 +114,10 @@ class Topology {
   StreamResult ensure_events_stream();
   StreamResult ensure_dlq_stream();
   StreamResult ensure_replay_stream();
+  /// Natspubsub mode: the shared events stream, with "{env}.{app}.>" of another app added. A
+  /// NatsPubsub app that starts after the stream exists never adds its own subjects, so its
+  /// publishes would find no stream; Consumer::start() calls this for the apps it subscribes to.
+  StreamResult ensure_app_subjects(std::string_view app);
   ConsumerResult ensure_consumer(const ConsumerSpec& spec, bool recreate = false);
 
   /// Every stream on the server with its subjects.
@@ -111,6 +130,7 @@ class Topology {
   void delete_consumer(const std::string& stream, const std::string& durable);
 
  private:
+  StreamResult ensure_stream(const StreamSpec& spec, int retries_left);
   Connection* connection_;
 };
 
