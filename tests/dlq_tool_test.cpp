@@ -526,7 +526,9 @@ TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothin
   testing::detail::ChildProcess tool;
   tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
                        "--json"},
-              .log_file = log});
+              .log_file = log,
+              .working_dir = {},
+              .run_as = std::nullopt});
   REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
   tool.signal(SIGINT);
   REQUIRE(tool.wait_exit(30s));
@@ -861,7 +863,9 @@ TEST_CASE("review: a replay whose acknowledgement was lost is not reported as 'n
   testing::detail::ChildProcess tool;
   tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
                        "--json"},
-              .log_file = log});
+              .log_file = log,
+              .working_dir = {},
+              .run_as = std::nullopt});
   REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
   ::kill(server.pid(), SIGSTOP);
   std::this_thread::sleep_for(13s);  // past the tool's 10 s ack timeout
@@ -897,7 +901,9 @@ TEST_CASE("review: SIGHUP (the operator's SSH session drops) during a replay: no
   testing::detail::ChildProcess tool;
   tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
                        "--json"},
-              .log_file = log});
+              .log_file = log,
+              .working_dir = {},
+              .run_as = std::nullopt});
   REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
   tool.signal(SIGHUP);
   REQUIRE(tool.wait_exit(30s));
