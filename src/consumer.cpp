@@ -200,6 +200,13 @@ Verdict ErrorPolicy::decide(const HandlerFailure& failure, const Message& messag
 
 namespace {
 
+// A decision to dead-letter, kept until the DLQ acknowledged the letter.
+struct PendingLetter {
+  DlqReason reason = DlqReason::permanent_error;
+  std::string error_class;
+  std::string error_message;
+};
+
 struct Registration {
   std::string filter;
   bool own_topic = false;
@@ -254,6 +261,15 @@ struct Subscription {
   // Stream sequence -> deliveries that were deferrals (circuit not closed), not attempts. In
   // memory: after a restart a message's earlier deferrals count as attempts again.
   std::unordered_map<uint64_t, uint64_t> deferrals;
+  // Deliveries past max_attempts that a delivery count may hold without this process having seen
+  // them as deferrals (an earlier process deferred them): kDeferralAllowance with a breaker, else 0.
+  uint64_t unseen_deferral_allowance = 0;
+
+  // Stream sequence -> the dead letter this process decided on but the DLQ did not take (the
+  // message was NAKed). Its next delivery here publishes the same letter again instead of running
+  // the handler. In memory only: elsewhere, or after a restart, the delivery count decides.
+  std::mutex letters_mutex;
+  std::unordered_map<uint64_t, PendingLetter> pending_letters;
 
   // Last members: destroyed (stopped and joined) first, while the state above still exists.
   std::jthread fetcher;
@@ -357,9 +373,13 @@ struct Consumer::Impl {
                      detail::last_error_text(status));
   }
 
-  // DLQ publish, PubAck, then TERM. If the DLQ does not take it, NAK with the backoff delay:
-  // the message stays with the consumer and is tried again, never dropped.
-  void dead_letter(Subscription& s, Delivery& d, const Message& m, DlqReason reason, const std::string& error_class,
+  // DLQ publish, PubAck, then TERM; true when the DLQ took it. If the DLQ does not take it, NAK
+  // with the backoff delay and remember the decision (pending_letters): the message stays with the
+  // consumer, and its next delivery here tries the same letter again without the handler. With
+  // the default MaxDeliver (unlimited) the server keeps redelivering for as long as the DLQ
+  // refuses; elsewhere or after a restart, the delivery count past max_attempts sends it here
+  // again (process()).
+  bool dead_letter(Subscription& s, Delivery& d, const Message& m, DlqReason reason, const std::string& error_class,
                    const std::string& error_message) {
     DeadLetter letter;
     letter.original_subject = m.subject;
@@ -386,18 +406,48 @@ struct Consumer::Impl {
     try {
       auto stored = dlq->publish(letter);
       term(d);
+      forget_pending_letter(s, m.metadata.stream_sequence);
       s.counters.dead_lettered++;
       logger()->error("{}: event {} (seq {}, delivery {}) dead-lettered as {} to {}{}: {}{}{}", s.durable, c.event_id,
                       c.sequence, c.deliveries, to_string(reason), stored.subject,
                       stored.duplicate ? " (already there)" : "", error_class, error_class.empty() ? "" : ": ",
                       error_message);
+      return true;
     } catch (const std::exception& e) {
       s.counters.dlq_failures++;
+      bool first_refusal = false;
+      {
+        std::lock_guard lock(s.letters_mutex);
+        // Entries of messages another instance dead-lettered are never erased here; bound the map.
+        // A forgotten entry costs the letter its reason, not its message: the delivery count
+        // still sends it to the DLQ.
+        if (s.pending_letters.size() >= 100000) s.pending_letters.clear();
+        first_refusal = s.pending_letters
+                            .insert_or_assign(m.metadata.stream_sequence, PendingLetter{reason, error_class, error_message})
+                            .second;
+      }
       const auto delay = s.backoff->delay(std::max<uint64_t>(1, m.metadata.deliveries));
       nak(d, delay);
-      logger()->error("{}: event {} (seq {}) could not be dead-lettered ({}); NAKed, back in {} ms", s.durable,
-                      c.event_id, c.sequence, e.what(), delay.count());
+      // An outage refuses every redelivery: the first refusal of a message is the error, the
+      // rest would flood the log.
+      logger()->log(first_refusal ? spdlog::level::err : spdlog::level::debug,
+                    "{}: event {} (seq {}, delivery {}) could not be dead-lettered as {} ({}); NAKed, tried again "
+                    "in {} ms",
+                    s.durable, c.event_id, c.sequence, c.deliveries, to_string(reason), e.what(), delay.count());
+      return false;
     }
+  }
+
+  static std::optional<PendingLetter> pending_letter_of(Subscription& s, uint64_t sequence) {
+    std::lock_guard lock(s.letters_mutex);
+    auto it = s.pending_letters.find(sequence);
+    if (it == s.pending_letters.end()) return std::nullopt;
+    return it->second;
+  }
+
+  static void forget_pending_letter(Subscription& s, uint64_t sequence) {
+    std::lock_guard lock(s.letters_mutex);
+    s.pending_letters.erase(sequence);
   }
 
   // A replay carries where the original was; the handler sees that, not the replay stream. The
@@ -475,8 +525,33 @@ struct Consumer::Impl {
       m.envelope = Envelope::decode(m.body);
     } catch (const std::exception& e) {
       // Retrying cannot fix a body; the consumer moves on to the next message.
-      s.counters.malformed++;
-      dead_letter(s, d, m, DlqReason::malformed, current_exception_class(), e.what());
+      if (dead_letter(s, d, m, DlqReason::malformed, current_exception_class(), e.what())) s.counters.malformed++;
+      return;
+    }
+
+    // Decided here earlier, refused by the DLQ: the same letter again, not the handler again.
+    if (auto letter = pending_letter_of(s, m.metadata.stream_sequence)) {
+      dead_letter(s, d, m, letter->reason, letter->error_class, letter->error_message);
+      return;
+    }
+    // Attempts are counted from the server's delivery count, before the handler runs: a delivery
+    // past max_attempts means no earlier one ended in an ack or a stored dead letter (the process
+    // crashed or was killed inside the handler, the handler hung past ack_wait, the DLQ refused
+    // the letter while another process held it; also an ack lost in a reconnect, or a hand-back
+    // on stop, which JetStream counts as deliveries too). It goes to the DLQ without running the
+    // handler again; that is what ends a crash loop, and it needs no advisory from the server.
+    const uint64_t deferred_deliveries = deferrals_of(s, m.metadata.stream_sequence);
+    const uint64_t attempts_before =
+        m.metadata.deliveries - std::min(m.metadata.deliveries - 1, deferred_deliveries) - 1;
+    if (attempts_before >= s.max_attempts + s.unseen_deferral_allowance) {
+      forget_deferrals(s, m.metadata.stream_sequence);
+      const std::string why = "delivered " + std::to_string(m.metadata.deliveries) + " times, " +
+                              std::to_string(attempts_before) + " of them attempts (max_attempts " +
+                              std::to_string(s.max_attempts) +
+                              "), and the handler never gave a verdict: it crashed the process or hung past "
+                              "ack_wait (or a verdict was lost: an ack or a dead letter that did not reach the "
+                              "server, a hand-back on stop)";
+      if (dead_letter(s, d, m, DlqReason::max_deliveries, "", why)) s.counters.max_deliveries++;
       return;
     }
 
@@ -485,7 +560,6 @@ struct Consumer::Impl {
       defer(s, d, m, "circuit open");
       return;
     }
-    const uint64_t deferred_deliveries = deferrals_of(s, m.metadata.stream_sequence);
     m.max_attempts = s.max_attempts + deferred_deliveries;  // so Message::last_attempt() ignores deferrals
 
     const auto start = Clock::now();
@@ -768,8 +842,10 @@ struct Consumer::Impl {
     }
   }
 
-  // The server gave up on a message without a verdict from us. Read it by sequence and
-  // dead-letter it; the DLQ Nats-Msg-Id makes a second writer of the same letter harmless.
+  // The server gave up on a message (finite max_deliver only) without a verdict from us. Read it
+  // by sequence and dead-letter it; the DLQ Nats-Msg-Id makes a second writer of the same letter
+  // harmless. If the DLQ refuses it for ~3 s the message stays in its stream, undelivered: that
+  // is the risk a finite max_deliver takes, and why the default is unlimited.
   void handle_max_deliveries(Subscription& s, const std::string& text, const std::stop_token& st) {
     auto j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.is_object()) {
@@ -875,8 +951,10 @@ struct Consumer::Impl {
     s->ack_wait = o.ack_wait.value_or(d.ack_wait);
     s->max_ack_pending = o.max_ack_pending.value_or(std::max(d.max_ack_pending, s->capacity()));
     s->breaker = o.circuit_breaker;  // protection
-    s->max_deliver = o.max_deliver.value_or(static_cast<int64_t>(attempts) + 2 +
-                                            (s->breaker ? SubscriptionOptions::kDeferralAllowance : 0));
+    // Unlimited by default: the runtime counts attempts itself (process()), so the server never
+    // stops delivering a message the runtime still owns, however long the DLQ refuses it.
+    s->max_deliver = o.max_deliver.value_or(-1);
+    s->unseen_deferral_allowance = s->breaker ? SubscriptionOptions::kDeferralAllowance : 0;
     s->in_progress_interval = o.in_progress_interval.value_or(s->ack_wait / 3);
     s->max_in_progress = o.max_in_progress.value_or(kDefaultMaxInProgress);
     s->fetch_timeout = o.fetch_timeout.value_or(d.fetch_timeout);
@@ -890,8 +968,9 @@ struct Consumer::Impl {
     if (s->ack_wait.count() <= 0) throw ConfigError(f + "ack_wait", "must be greater than 0 ms");
     if (s->max_ack_pending < s->capacity())
       throw ConfigError(f + "max_ack_pending", "must be >= concurrency + prefetch, or fetches stall");
-    if (s->max_deliver <= attempts)
-      throw ConfigError(f + "max_deliver", "must exceed max_attempts, so the runtime decides the last attempt");
+    if (s->max_deliver != -1 && s->max_deliver <= attempts)
+      throw ConfigError(f + "max_deliver",
+                        "must be -1 (unlimited) or exceed max_attempts, so the runtime decides the last attempt");
     if (s->in_progress_interval.count() <= 0 || s->in_progress_interval >= s->ack_wait)
       throw ConfigError(f + "in_progress_interval", "must be greater than 0 and less than ack_wait");
     if (s->max_in_progress.count() <= 0) throw ConfigError(f + "max_in_progress", "must be greater than 0 ms");
@@ -963,7 +1042,12 @@ struct Consumer::Impl {
         logger()->warn("{}: completion callback not set; a few bytes stay allocated", s->durable);
     }
 
-    if (options.capture_max_deliveries) {
+    if (options.capture_max_deliveries && s->max_deliver > 0) {
+      // Only a finite max_deliver (set by the user) lets the server stop delivering a message the
+      // runtime has not settled: a DLQ outage that outlasts the deliveries left, or, with a circuit
+      // breaker, deferrals past it. The advisory is then the one chance left to dead-letter it; it
+      // is sent once, on core NATS, to whoever listens then, so it is a best effort. With the
+      // default (unlimited) no advisory is ever sent, and nothing subscribes.
       // A queue group: of all instances sharing the durable, one handles each advisory.
       const std::string subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + s->stream + "." + s->durable;
       const std::string queue = "natspubsub-dlq-" + s->durable;

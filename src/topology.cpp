@@ -136,9 +136,10 @@ ConsumerSpec Topology::consumer_spec(const Config& config, std::string filter_su
   c.durable = consumer_name(config, filter_subject);
   c.filter_subject = std::move(filter_subject);
   c.ack_wait = config.consumer.ack_wait;
-  // Room above the runtime's attempts: the runtime dead-letters on its last attempt; the
-  // server's limit only catches deliveries that never got a verdict (crashes, ack timeouts).
-  c.max_deliver = config.consumer.max_attempts + 2;
+  // Unlimited: the runtime counts attempts from the delivery count and dead-letters a message
+  // past max_attempts itself, so the server must never give up on a message first (a DLQ outage
+  // would leave it acknowledged by nobody). An existing durable is updated to this in place.
+  c.max_deliver = -1;
   c.max_ack_pending = config.consumer.max_ack_pending;
   c.description = "natspubsub durable of " + config.app;
   c.adopt_existing = config.topology == TopologyMode::natspubsub;

@@ -321,7 +321,7 @@ TEST_CASE("consumer: a failing dependency opens the circuit; nothing reaches the
   for (const auto& [id, n] : deliveries_at_success) most = std::max(most, n);
   MESSAGE("most deliveries of one message: " << most << "; failed once after recovery: " << failed_after_recovery.size());
   CHECK(!failed_after_recovery.empty());  // the case below was exercised
-  CHECK(most > kMaxAttempts + 2);         // beyond the MaxDeliver a consumer without a breaker gets
+  CHECK(most > kMaxAttempts + 2);         // deferrals are no attempts: far past max_attempts, no DLQ
   CHECK(raw.stream_messages("test-orders-dlq") == 0);
   auto after = consumer.stats()[0];
   CHECK(after.dead_lettered == 0);

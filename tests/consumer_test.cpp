@@ -1,6 +1,6 @@
 // ctest-labels: integration
 // The consumer runtime against a real nats-server: acks, retries with backoff, the DLQ (handler
-// verdicts, malformed bodies, MaxDeliver advisories), stop with work in flight, load sharing.
+// verdicts, malformed bodies, deliveries past max_attempts), stop with work in flight, load sharing.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -448,7 +448,7 @@ TEST_CASE("a body that is not an envelope goes to the DLQ as malformed; the next
   CHECK(handled.back() == later.event_id);
 }
 
-TEST_CASE("a handler that never returns within ack_wait: MaxDeliver is reached and the advisory dead-letters it") {
+TEST_CASE("a handler that never returns within ack_wait: its next delivery past max_attempts is dead-lettered, not run") {
   OrdersFixture f;
   std::atomic<int> calls{0};
   Consumer consumer(f.connection);
@@ -458,30 +458,31 @@ TEST_CASE("a handler that never returns within ack_wait: MaxDeliver is reached a
     const auto until = Clock::now() + 20s;
     while (!m.stop_token.stop_requested() && Clock::now() < until) std::this_thread::sleep_for(5ms);
     throw std::runtime_error("gave up");
-  }, {.concurrency = 4, .max_attempts = 1, .ack_wait = Millis{300}, .max_deliver = 3,
-      .max_in_progress = Millis{50}});
+  }, {.concurrency = 4, .max_attempts = 1, .ack_wait = Millis{300}, .max_in_progress = Millis{50}});
   consumer.start();
   auto r = f.publish("order.created", {{"order_id", 5}});
 
   REQUIRE(wait_until([&] { return !f.dead_letters().empty(); }, 10000ms));
-  CHECK(calls == 3);  // every delivery reached a worker, none gave a verdict
+  CHECK(calls == 1);  // delivery 2 is past max_attempts: dead-lettered before the handler
   auto dlq = f.dead_letters();
   REQUIRE(dlq.size() == 1);
   auto h = headers_of(dlq[0]);
   CHECK(h["x-dlq-reason"] == "max_deliveries");
-  CHECK(h["x-deliveries"] == "3");
+  CHECK(h["x-deliveries"] == "2");
   auto ctx = json::parse(h["x-dlq-context"]);
   CHECK(ctx["event_id"] == r.event_id);
   CHECK(ctx["sequence"] == r.sequence);
   CHECK(ctx["stream"] == kEvents);
   CHECK(ctx["consumer"] == kCreatedDurable);
+  CHECK(ctx["error_message"].get<std::string>().find("never gave a verdict") != std::string::npos);
   CHECK(dlq[0].data == f.raw.read_stream(kEvents)[0].data);
   CHECK(consumer.stats(kCreatedDurable).max_deliveries == 1);
+  REQUIRE(wait_until([&] { return consumer_state(f.raw, kEvents, kCreatedDurable).ack_pending == 0; }, 2000ms));
 
-  // The hung handlers are told to give up at the stop deadline; what they report after it is
-  // ignored (their messages were handed back), so no second dead letter appears.
+  // The hung handler is told to give up at the stop deadline; what it reports after it is
+  // ignored (its message was handed back), so no second dead letter appears.
   auto report = consumer.stop(Millis{200});
-  CHECK(report.abandoned == 3);
+  CHECK(report.abandoned == 1);
   CHECK_FALSE(report.within_deadline);
   CHECK(f.dead_letters().size() == 1);
 }
@@ -936,8 +937,9 @@ TEST_CASE("when the DLQ publish fails the message is NAKed, not lost, and dead-l
   CHECK(consumer.stats(kCreatedDurable).dead_lettered == 0);
   Topology(f.connection).ensure_dlq_stream();
   REQUIRE(wait_until([&] { return consumer.stats(kCreatedDurable).dead_lettered == 1; }, 5000ms));
-  CHECK(calls >= 2);
+  CHECK(calls == 1);  // the redeliveries retried the letter, not the handler
   CHECK(f.dead_letters().size() == 1);
+  CHECK(headers_of(f.dead_letters().at(0))["x-dlq-reason"] == "permanent_error");
   REQUIRE(wait_until([&] { return consumer_state(f.raw, kEvents, kCreatedDurable).ack_pending == 0; }, 2000ms));
 }
 

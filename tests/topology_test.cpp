@@ -109,7 +109,7 @@ TEST_CASE("durable consumers: create, unchanged, update, refused change, recreat
   // payments consumes orders' topic: the consumer lives on the orders stream.
   auto spec = Topology::consumer_spec(payments, "test.orders.order.created");
   CHECK(spec.durable == "test-payments-test_orders_order_created");
-  CHECK(spec.max_deliver > payments.consumer.max_attempts);
+  CHECK(spec.max_deliver == -1);  // unlimited: the consumer runtime decides the last attempt
   auto created = t.ensure_consumer(spec);
   CHECK(created.action == EnsureAction::created);
   CHECK(created.stream == "test-orders-events");
@@ -122,6 +122,17 @@ TEST_CASE("durable consumers: create, unchanged, update, refused change, recreat
   auto updated = t.ensure_consumer(spec);
   CHECK(updated.action == EnsureAction::updated);
   CHECK(updated.changes.size() == 2);
+
+  // A durable made with a finite MaxDeliver (older versions used max_attempts + 2) becomes
+  // unlimited in place: nats-server 2.9.10 allows editing MaxDeliver.
+  auto finite = spec;
+  finite.max_deliver = payments.consumer.max_attempts + 2;
+  CHECK(t.ensure_consumer(finite).action == EnsureAction::updated);
+  auto unlimited = t.ensure_consumer(spec);
+  CHECK(unlimited.action == EnsureAction::updated);
+  REQUIRE(unlimited.changes.size() == 1);
+  CHECK(unlimited.changes[0] == "max_deliver: " + std::to_string(payments.consumer.max_attempts + 2) + " -> -1");
+  CHECK(t.ensure_consumer(spec).action == EnsureAction::unchanged);
 
   // A new filter subject is applied in place (nats-server 2.9.10 allows it).
   auto moved = spec;

@@ -18,12 +18,22 @@
 // Per message: decode the envelope (a body that is not one goes to the DLQ as `malformed`), run
 // the middleware chain and the handler on a worker, then ack on success; on failure ask the
 // error policy: retry (NAK with the backoff delay for this delivery count), dead-letter (DLQ
-// publish, wait for the PubAck, then TERM; if the DLQ publish fails, NAK instead), or discard
-// (ack and log). A failure on the last allowed attempt dead-letters. Long handlers keep their
-// message with in-progress signals. Messages the server gives up on (MaxDeliver reached after
-// crashes or ack timeouts) are dead-lettered from the MAX_DELIVERIES advisory. A dead letter
-// replayed with natspubsub-dlq comes back to the subscription that failed on it (and to no
-// other consumer of the subject) through its replay route, see ConsumerOptions::replay_route.
+// publish, wait for the PubAck, then TERM), or discard (ack and log). A failure on the last
+// allowed attempt dead-letters. Long handlers keep their message with in-progress signals.
+//
+// Attempts are the server's delivery count (less this process's circuit-breaker deferrals). A
+// delivery past max_attempts is dead-lettered as `max_deliveries` before the handler runs: no
+// earlier delivery got a verdict (a crash loop: the handler killed the process; a handler hung
+// past ack_wait), so the handler runs at most max_attempts times per message.
+// DLQ outage: if the DLQ does not acknowledge a letter, the message is NAKed with the backoff
+// delay and stays pending on its durable; each redelivery publishes the letter again (in the same
+// process without running the handler; in another process or after a restart the handler runs
+// again while the delivery count allows, then the count sends it to the DLQ). MaxDeliver is
+// unlimited by default, so this lasts as long as the outage. Test: tests/dlq_outage_test.cpp.
+//
+// A dead letter replayed with natspubsub-dlq comes back to the subscription that failed on it
+// (and to no other consumer of the subject) through its replay route, see
+// ConsumerOptions::replay_route.
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -122,8 +132,11 @@ struct SubscriptionOptions {
   std::optional<Backoff> backoff{};          ///< default: Backoff::list(config.consumer.backoff)
   std::optional<Millis> ack_wait{};
   std::optional<int> max_ack_pending{};      ///< must be >= concurrency + prefetch
-  /// The server's MaxDeliver; default max_attempts + 2 (must exceed max_attempts, so the runtime
-  /// decides the last attempt and the server limit only catches deliveries without a verdict).
+  /// The server's MaxDeliver: -1 (unlimited, the default; an existing durable is updated to it in
+  /// place) or more than max_attempts. The runtime counts attempts itself; a finite value lets the
+  /// server stop delivering a message whose dead letter the DLQ refused, after which only its
+  /// once-only MAX_DELIVERIES advisory (ConsumerOptions::capture_max_deliveries) can still
+  /// dead-letter it, trying for about 3 s.
   std::optional<int64_t> max_deliver{};
   std::optional<Millis> in_progress_interval{};  ///< +WPI period; default ack_wait / 3
   /// How long in-progress signals keep one message alive (from its fetch). After that the server
@@ -139,14 +152,17 @@ struct SubscriptionOptions {
   /// probe; while half-open it fetches only probes. A failure that opens it, or happens while
   /// it is not closed, is not counted as an attempt: the message waits instead of going to the
   /// DLQ (such deferrals count in stats().deferred). Failures the error policy sends to the DLQ
-  /// or discards are the message's fault and never open it. With a breaker the default
-  /// max_deliver leaves room for kDeferralAllowance deferrals. Message::attempt() stays the
+  /// or discards are the message's fault and never open it. Message::attempt() stays the
   /// server's delivery count (deferrals included); Message::last_attempt() leaves them out.
-  /// Deferrals are remembered in memory: after a restart they count as attempts. May be shared.
+  /// Deferrals are remembered in memory: after a restart they count as attempts when a handler
+  /// fails, and a message is dead-lettered without running only past max_attempts +
+  /// kDeferralAllowance deliveries (so with a breaker a crash loop lasts that long). May be shared.
   std::shared_ptr<CircuitBreaker> circuit_breaker{};
   /// At most `rate` messages per second are fetched (token bucket); handlers never sleep for it.
   std::optional<RateLimiterOptions> rate_limit{};
-  /// Deliveries the default max_deliver adds for deferrals when a circuit breaker is set.
+  /// With a circuit breaker: deliveries past max_attempts that may have been deferrals this
+  /// process did not see (before a restart, or on another instance), so are not yet taken as
+  /// deliveries without a verdict.
   static constexpr int64_t kDeferralAllowance = 1000;
 };
 
@@ -154,7 +170,9 @@ struct ConsumerOptions {
   /// Ensure the DLQ stream of this app (and its events stream when subscribing to own topics)
   /// in start().
   bool ensure_topology = true;
-  /// Dead-letter messages that reach MaxDeliver, from the server's advisory.
+  /// With a finite SubscriptionOptions::max_deliver: dead-letter a message the server stopped
+  /// delivering, from its MAX_DELIVERIES advisory (sent once, on core NATS; tried for about 3 s).
+  /// Nothing listens with the default, unlimited max_deliver: the server never gives up there.
   bool capture_max_deliveries = true;
   /// Also read this app's replays (natspubsub-dlq replay) for each subscription: a second durable
   /// replay_durable(stream, durable) (dlq.hpp) on the replay stream "{env}-{app}-replay" (created

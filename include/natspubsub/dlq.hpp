@@ -76,7 +76,8 @@ enum class DlqReason {
   malformed,           ///< the body is not a valid envelope; never retried
   permanent_error,     ///< the handler threw PermanentError, or an error-policy rule said so
   attempts_exhausted,  ///< the handler failed on its last allowed attempt
-  max_deliveries,      ///< the server gave up (MaxDeliver) without a verdict: crash, ack timeouts
+  max_deliveries,      ///< delivered past max_attempts without a verdict (crash loop, hung handler), or the
+                       ///< server's MaxDeliver advisory with a finite max_deliver
   other,               ///< a reason this version does not know (a newer writer): see DlqContext::reason_name
 };
 

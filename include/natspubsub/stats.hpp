@@ -63,7 +63,7 @@ struct SubscriptionStats {
   uint64_t dead_lettered = 0;   ///< stored in the DLQ (all reasons, including malformed and max_deliveries)
   uint64_t discarded = 0;       ///< failed, acked anyway by an error-policy discard rule
   uint64_t malformed = 0;       ///< bodies that were not an envelope (also counted in dead_lettered)
-  uint64_t max_deliveries = 0;  ///< dead-lettered from the MAX_DELIVERIES advisory (also in dead_lettered)
+  uint64_t max_deliveries = 0;  ///< dead-lettered as max_deliveries (also in dead_lettered)
   uint64_t handler_errors = 0;  ///< handler (or middleware) failures of any kind
   uint64_t nacked_on_stop = 0;  ///< fetched but not started when stop() ran: handed back at once
   uint64_t ack_failures = 0;    ///< acks the server did not confirm (the message will come again)

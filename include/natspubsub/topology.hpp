@@ -107,7 +107,8 @@ class Topology {
   /// (app billing, filter acc.orders.order.created: "billing_acc_orders_order_created").
   [[nodiscard]] static std::string consumer_name(const Config& config, std::string_view filter_subject);
   /// A durable pull consumer spec for `filter_subject` with the config's consumer defaults.
-  /// MaxDeliver is set above max_attempts so the runtime, not the server, decides the last attempt.
+  /// MaxDeliver is unlimited (-1): the consumer runtime counts attempts and dead-letters a message
+  /// past max_attempts itself, so the server never stops delivering a message first.
   [[nodiscard]] static ConsumerSpec consumer_spec(const Config& config, std::string filter_subject);
 
   StreamResult ensure_stream(const StreamSpec& spec);
