@@ -311,7 +311,7 @@ std::vector<Row> Transaction::query(std::string_view sql, const Params& params) 
 std::unique_ptr<Database> open_database(std::string_view url, const OpenOptions& options) {
   auto parsed = DatabaseUrl::parse(url);
   if (parsed.backend() == Backend::sqlite) {
-    return std::make_unique<SqliteDatabase>(parsed.path(), SqliteDatabase::Options{options.sqlite_busy_timeout});
+    return std::make_unique<SqliteDatabase>(parsed.path(), SqliteDatabase::Options{options.sqlite_busy_timeout, options.create_sqlite_file});
   }
   return std::make_unique<PostgresDatabase>(std::move(parsed));
 }

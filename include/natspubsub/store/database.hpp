@@ -216,6 +216,9 @@ struct OpenOptions {
   /// SQLite: how long a statement waits for another connection's write lock before it fails
   /// with RetryableDatabaseError.
   std::chrono::milliseconds sqlite_busy_timeout{5000};
+  /// SQLite: create the file when it does not exist. Tools that will not migrate pass false, so
+  /// a mistyped path is refused instead of opening a new, empty database.
+  bool create_sqlite_file = true;
 };
 
 /// Opens a SqliteDatabase or a PostgresDatabase from a URL (see DatabaseUrl).
