@@ -8,6 +8,7 @@
 #include <fstream>
 #include <thread>
 
+#include <civetweb.h>
 #include <doctest/doctest.h>
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
@@ -122,8 +123,15 @@ TEST_CASE("--metrics-addr: :PORT means every interface; addresses are validated"
   CHECK(workers::parse_listen_address("127.0.0.1:9464") == "127.0.0.1:9464");
   CHECK(workers::parse_listen_address("0.0.0.0:1") == "0.0.0.0:1");
   CHECK(workers::parse_listen_address("localhost:9464") == "127.0.0.1:9464");
-  CHECK(workers::parse_listen_address("[::1]:9464") == "[::1]:9464");
-  CHECK(workers::parse_listen_address("[::]:65535") == "[::]:65535");
+  if (mg_check_feature(8) != 0) {
+    CHECK(workers::parse_listen_address("[::1]:9464") == "[::1]:9464");
+    CHECK(workers::parse_listen_address("[::]:65535") == "[::]:65535");
+  } else {
+    // Debian 12's CivetWeb is built without IPv6: refused at once (exit 2), not at bind time.
+    CHECK(all == "9464");
+    CHECK_THROWS_WITH_AS((void)workers::parse_listen_address("[::1]:9464"),
+                         doctest::Contains("no IPv6 support"), std::invalid_argument);
+  }
   for (const char* bad : {"9464", ":0", ":65536", ":", ":94x", "example.com:9464", "[::1:9464", "1.2.3:9", "[zz]:9"}) {
     CHECK_THROWS_AS_MESSAGE((void)workers::parse_listen_address(bad), std::invalid_argument, bad);
   }

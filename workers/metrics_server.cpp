@@ -63,7 +63,13 @@ std::string parse_listen_address(const std::string& address) {
   if (host == "localhost") return "127.0.0.1:" + port;
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
     in6_addr a6{};
-    if (inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), &a6) == 1) return host + ":" + port;
+    if (inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), &a6) == 1) {
+      // Debian 12's CivetWeb 1.15 is built without IPv6: say so now rather than fail to bind later.
+      if (mg_check_feature(8) == 0) {
+        throw std::invalid_argument("--metrics-addr \"" + address + "\": this CivetWeb has no IPv6 support");
+      }
+      return host + ":" + port;
+    }
   } else {
     in_addr a4{};
     if (inet_pton(AF_INET, host.c_str(), &a4) == 1) return host + ":" + port;

@@ -26,7 +26,8 @@ namespace natspubsub::workers {
 /// CivetWeb's `listening_ports` value for a --metrics-addr:
 ///   ":PORT"        all IPv4 interfaces, and all IPv6 ones when CivetWeb has IPv6 ("+PORT")
 ///   "0.0.0.0:PORT", "127.0.0.1:PORT"   that IPv4 address ("localhost" means 127.0.0.1)
-///   "[::]:PORT", "[::1]:PORT"          that IPv6 address
+///   "[::]:PORT", "[::1]:PORT"          that IPv6 address (refused when CivetWeb has no IPv6,
+///                                      as Debian 12's 1.15 has not)
 /// PORT is 1..65535. Throws std::invalid_argument naming what is wrong.
 [[nodiscard]] std::string parse_listen_address(const std::string& address);
 
