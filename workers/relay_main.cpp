@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <string_view>
 #include <thread>
 
 #include <spdlog/spdlog.h>
@@ -185,8 +186,8 @@ int main(int argc, char** argv) {
       return kExitDatabase;
     }
   } catch (const std::exception& e) {
-    spdlog::error("database: {}{}", e.what(),
-                  no_migrate && database_url.starts_with("sqlite") ? " (--no-migrate: the file is not created)" : "");
+    const bool missing_file = no_migrate && std::string_view(e.what()).find("does not exist") != std::string_view::npos;
+    spdlog::error("database: {}{}", e.what(), missing_file ? " (with --no-migrate the file is not created)" : "");
     if (const auto* db_error = dynamic_cast<const store::DatabaseError*>(&e); db_error && !db_error->query().empty()) {
       spdlog::debug("database: the failing statement: {}", db_error->query());
     }
