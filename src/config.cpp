@@ -288,9 +288,17 @@ Config Config::from_json(const json& j) {
 }
 
 Config Config::from_json_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  // An ifstream opens a directory and then throws std::ios_base::failure on the first read.
+  if (std::filesystem::is_directory(path, ec)) throw ConfigError("config file", path.string() + " is a directory");
   std::ifstream in(path);
   if (!in) throw ConfigError("config file", "cannot read " + path.string());
-  json j = json::parse(in, nullptr, false);
+  json j;
+  try {
+    j = json::parse(in, nullptr, false);
+  } catch (const std::exception&) {
+    throw ConfigError("config file", "cannot read " + path.string());
+  }
   if (j.is_discarded()) throw ConfigError("config file", path.string() + " is not valid JSON");
   return from_json(j);
 }
@@ -309,6 +317,7 @@ Config Config::from_env(Config c) {
   env_string("NATSPUBSUB_TOKEN", c.credentials.token);
   env_string("NATSPUBSUB_NKEY_PUBLIC_KEY", c.credentials.nkey_public_key);
   env_string("NATSPUBSUB_NKEY_SEED_FILE", c.credentials.nkey_seed_file);
+  env_string("NATS_CREDS", c.credentials.creds_file);  // as the nats CLI reads it; ours wins when both are set
   env_string("NATSPUBSUB_CREDS_FILE", c.credentials.creds_file);
   c.tls.enabled = env_bool("NATSPUBSUB_TLS", c.tls.enabled);
   env_string("NATSPUBSUB_TLS_CA_FILE", c.tls.ca_file);

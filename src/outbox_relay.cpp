@@ -345,6 +345,9 @@ void OutboxRelay::run(std::stop_token stop) {
       }
       auto wait = std::min<Millis>(Millis{30000}, Millis{250} * (1 << std::min(consecutive_errors, 7)));
       logger()->error("outbox relay {}: {} (retrying in {} ms)", o.relay_id, e.what(), wait.count());
+      if (const auto* db_error = dynamic_cast<const store::DatabaseError*>(&e); db_error && !db_error->query().empty()) {
+        logger()->debug("outbox relay {}: the failing statement: {}", o.relay_id, db_error->query());
+      }
       sleep_for(stop, wait);
     }
   }

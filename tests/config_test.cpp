@@ -191,6 +191,13 @@ TEST_CASE("JSON file") {
   }
   CHECK_THROWS_AS((void)Config::from_json_file(path), ConfigError);
   CHECK_THROWS_AS((void)Config::from_json_file(dir.path() / "missing.json"), ConfigError);
+  // A directory opens as a stream and fails on the first read: still a ConfigError.
+  try {
+    (void)Config::from_json_file(dir.path());
+    FAIL("a directory was read as a config file");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find("is a directory") != std::string::npos);
+  }
 }
 
 TEST_CASE("environment variables") {
@@ -203,6 +210,13 @@ TEST_CASE("environment variables") {
   CHECK(c.app == "shipping");
   CHECK(c.env == "prod");
   CHECK(c.consumer.max_attempts == 7);
+  {
+    // NATS_CREDS as the nats CLI reads it; NATSPUBSUB_CREDS_FILE wins when both are set.
+    EnvVar creds("NATS_CREDS", "/etc/nats/user.creds");
+    CHECK(Config::from_env().credentials.creds_file == "/etc/nats/user.creds");
+    EnvVar ours("NATSPUBSUB_CREDS_FILE", "/etc/natspubsub/relay.creds");
+    CHECK(Config::from_env().credentials.creds_file == "/etc/natspubsub/relay.creds");
+  }
   {
     EnvVar servers("NATSPUBSUB_SERVERS", "nats://10.9.9.9:4222");
     CHECK(Config::from_env().servers == std::vector<std::string>{"nats://10.9.9.9:4222"});

@@ -1,11 +1,19 @@
 // natspubsub-relay as an operator runs it: a real process, real nats-server, SQLite via sqlite3.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <regex>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -62,6 +70,42 @@ int wait_exit(pid_t pid, std::chrono::milliseconds limit) {
   waitpid(pid, &status, 0);
   return -1;
 }
+
+// HTTP status of `method` on `url`; "000" when nothing answers.
+std::string http_code(const std::string& url, bool head = false) {
+  return testing::run_command("curl -s -m 5 -o /dev/null -w '%{http_code}' " + std::string(head ? "-I " : "") + "'" +
+                              url + "'")
+      .output;
+}
+
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return pred();
+}
+
+// An IPv4 address of this machine that is not loopback ("" when it has none).
+std::string non_loopback_ipv4() {
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return {};
+  std::string found;
+  for (auto* a = list; a != nullptr && found.empty(); a = a->ifa_next) {
+    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET || (a->ifa_flags & IFF_LOOPBACK) != 0 ||
+        (a->ifa_flags & IFF_UP) == 0) {
+      continue;
+    }
+    char text[INET_ADDRSTRLEN] = {};
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr, text, sizeof(text));
+    found = text;
+  }
+  freeifaddrs(list);
+  return found;
+}
+
+int lines(const std::string& text) { return static_cast<int>(std::count(text.begin(), text.end(), '\n')); }
 
 }  // namespace
 
@@ -291,4 +335,123 @@ TEST_CASE("rows NATS cannot carry are failed at once; their key waits; nothing e
   // Another pass keeps k-after waiting: the failed row still blocks its key.
   CHECK(testing::run_command(base).status == 0);
   CHECK(count(db, "event_id = 'k-after' AND status = 'pending'") == 1);
+}
+
+TEST_CASE("--metrics-addr :PORT: promtool accepts /metrics; /livez stays 200 and /readyz is 503 while NATS is down") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto path = (dir.path() / "outbox.db").string();
+  auto port = std::to_string(testing::free_port());
+  auto log = (dir.path() / "relay.log").string();
+  pid_t pid = spawn({"--database", "sqlite://" + path, "--nats", server.url(), "--env", "test", "--app", "orders",
+                     "--metrics-addr", ":" + port, "--progress-interval", "1", "--poll-interval", "50"},
+                    log);
+  const std::string base = "http://127.0.0.1:" + port;
+  REQUIRE_MESSAGE(eventually([&] { return http_code(base + "/livez") == "200"; }, 15s),
+                  testing::run_command("cat " + log).output);
+  CHECK(eventually([&] { return http_code(base + "/readyz") == "200"; }, 10s));
+  CHECK(http_code(base + "/healthz") == "200");
+  CHECK(http_code(base + "/metrics", true) == "200");  // HEAD
+
+  auto metrics = testing::run_command("curl -s -m 5 " + base + "/metrics").output;
+  auto file = (dir.path() / "metrics.txt").string();
+  std::ofstream(file) << metrics;
+  auto promtool = testing::run_command("promtool check metrics < " + file + " 2>&1", 30s);
+  INFO(metrics);
+  INFO(promtool.output);
+  CHECK(promtool.status == 0);
+  for (const char* name : {"natspubsub_outbox_pending ", "natspubsub_relay_published_total ", "natspubsub_relay_released_total ",
+                           "natspubsub_relay_cleaned_total ", "natspubsub_build_info{", "process_resident_memory_bytes ",
+                           "process_cpu_seconds_total ", "process_start_time_seconds ", "natspubsub_nats_connected 1",
+                           "natspubsub_database_up 1"}) {
+    CHECK_MESSAGE(metrics.find(std::string("\n") + name) != std::string::npos, name);
+  }
+
+  // ":PORT" is every interface, as Prometheus exporters listen.
+  auto address = non_loopback_ipv4();
+  if (address.empty()) {
+    MESSAGE("this machine has no non-loopback IPv4 address: reachability beyond loopback not checked");
+  } else {
+    CHECK_MESSAGE(http_code("http://" + address + ":" + port + "/livez") == "200", address);
+  }
+
+  // NATS down: not ready (send no traffic), but alive (do not restart the relay).
+  server.kill();
+  CHECK(eventually([&] { return http_code(base + "/readyz") == "503"; }, 15s));
+  CHECK(http_code(base + "/livez") == "200");
+  auto readyz = testing::run_command("curl -s -m 5 " + base + "/readyz").output;
+  INFO(readyz);
+  CHECK(nlohmann::json::parse(readyz)["checks"]["nats"]["ok"] == false);
+  CHECK(testing::run_command("curl -s -m 5 " + base + "/metrics").output.find("\nnatspubsub_nats_connected 0\n") !=
+        std::string::npos);
+
+  server.start();
+  CHECK(eventually([&] { return http_code(base + "/readyz") == "200"; }, 20s));
+  kill(pid, SIGTERM);
+  CHECK(wait_exit(pid, 15s) == 0);
+  auto relay_log = testing::run_command("cat " + log).output;
+  INFO(relay_log);
+  // A progress line every --progress-interval seconds; text timestamps carry the UTC offset.
+  CHECK(relay_log.find("progress: ") != std::string::npos);
+  CHECK(std::regex_search(relay_log, std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:?\d\d )")));
+}
+
+TEST_CASE("start-up checks: each refusal is one line with a documented exit code") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  const std::string nats = " --nats " + server.url() + " --env test --app orders";
+  const std::string clean_env = "env -u NATSPUBSUB_DATABASE_URL -u DATABASE_URL -u NATSPUBSUB_METRICS_ADDR ";
+
+  // --metrics-addr is checked before anything is connected: NATS here is a closed port.
+  auto closed = " --nats nats://127.0.0.1:" + std::to_string(testing::free_port()) + " --app orders";
+  for (const char* bad : {"9464", ":0", ":70000", "example.com:9464"}) {
+    auto r = testing::run_command(kRelay + " --database sqlite://" + (dir.path() / "m.db").string() + closed +
+                                  " --metrics-addr " + bad + " --once 2>&1");
+    INFO(bad, r.output);
+    CHECK(r.status == 2);
+    CHECK(r.output.find("--metrics-addr") != std::string::npos);
+    CHECK(lines(r.output) == 1);
+  }
+
+  // --no-migrate never creates a SQLite file: a mistyped path is refused.
+  auto missing = (dir.path() / "typo.db").string();
+  auto no_file = testing::run_command(kRelay + " --database sqlite://" + missing + nats + " --no-migrate --once 2>&1");
+  INFO(no_file.output);
+  CHECK(no_file.status == 4);
+  CHECK(no_file.output.find("does not exist") != std::string::npos);
+  CHECK(lines(no_file.output) == 1);
+  CHECK_FALSE(std::filesystem::exists(missing));
+
+  // --no-migrate on a database without the tables: the missing migration by name, no SQL.
+  auto empty = (dir.path() / "empty.db").string();
+  REQUIRE(testing::run_command("sqlite3 " + sh_quote(empty) + " 'PRAGMA user_version = 7;'").status == 0);
+  auto no_tables = testing::run_command(kRelay + " --database sqlite://" + empty + nats + " --no-migrate 2>&1", 30s);
+  INFO(no_tables.output);
+  CHECK(no_tables.status == 4);
+  CHECK(no_tables.output.find("migration 0001_") != std::string::npos);
+  CHECK(no_tables.output.find("SELECT") == std::string::npos);
+  CHECK(lines(no_tables.output) == 1);
+
+  // --config naming a directory, or a file that is not JSON: one line, exit 3.
+  auto as_dir = testing::run_command(kRelay + " --database sqlite://" + empty + nats + " --config " + dir.path().string() +
+                                     " --once 2>&1");
+  INFO(as_dir.output);
+  CHECK(as_dir.status == 3);
+  CHECK(as_dir.output.find("is a directory") != std::string::npos);
+  CHECK(lines(as_dir.output) == 1);
+  auto not_json = (dir.path() / "config.json").string();
+  std::ofstream(not_json) << "servers = nats://x\n";
+  auto bad_json = testing::run_command(kRelay + " --database sqlite://" + empty + nats + " --config " + not_json + " --once 2>&1");
+  CHECK(bad_json.status == 3);
+  CHECK(lines(bad_json.output) == 1);
+
+  // DATABASE_URL when NATSPUBSUB_DATABASE_URL and --database are absent; neither: exit 2.
+  auto fallback = (dir.path() / "fallback.db").string();
+  auto via_env = testing::run_command(clean_env + "DATABASE_URL=sqlite://" + fallback + " " + kRelay + nats + " --once 2>&1");
+  INFO(via_env.output);
+  CHECK(via_env.status == 0);
+  CHECK(count(fallback, "1=1") == 0);  // created and migrated
+  auto none = testing::run_command(clean_env + kRelay + nats + " --once 2>&1");
+  CHECK(none.status == 2);
+  CHECK(none.output.find("DATABASE_URL") != std::string::npos);
 }

@@ -110,8 +110,8 @@ void setup_logging(const std::string& format, const std::string& tool_name) {
     lib->set_formatter(json_formatter());
     tool->set_formatter(json_formatter());
   } else {
-    lib->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
-    tool->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
+    lib->set_pattern("%Y-%m-%dT%H:%M:%S.%e%z %^%l%$ [%n] %v");
+    tool->set_pattern("%Y-%m-%dT%H:%M:%S.%e%z %^%l%$ [%n] %v");
   }
   natspubsub::set_logger(lib);
   spdlog::set_default_logger(tool);

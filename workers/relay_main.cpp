@@ -1,14 +1,19 @@
 // natspubsub-relay: moves committed outbox rows into JetStream. See README "Operations".
+#include <algorithm>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
-#include <iostream>
-#include <sstream>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <string_view>
 #include <thread>
 
 #include <spdlog/spdlog.h>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/error.hpp>
+#include <natspubsub/metrics.hpp>
 #include <natspubsub/outbox.hpp>
 #include <natspubsub/outbox_relay.hpp>
 #include <natspubsub/service.hpp>
@@ -18,7 +23,8 @@
 #include <natspubsub/version.hpp>
 
 #include "common.hpp"
-#include "http_server.hpp"
+#include "metrics_server.hpp"
+#include "relay_metrics.hpp"
 
 using namespace natspubsub;
 using namespace natspubsub::workers;
@@ -32,42 +38,40 @@ void on_signal(int) {
   stop_source.request_stop();
 }
 
-std::string prometheus(const RelayStats& s, const OutboxStats& o, const ConnectionHealth& h, bool db_ok) {
-  std::ostringstream out;
-  auto gauge = [&](const char* name, const char* help, double v) {
-    out << "# HELP " << name << " " << help << "\n# TYPE " << name << " gauge\n" << name << " " << v << "\n";
-  };
-  auto counter = [&](const char* name, const char* help, double v) {
-    out << "# HELP " << name << " " << help << "\n# TYPE " << name << " counter\n" << name << " " << v << "\n";
-  };
-  gauge("natspubsub_outbox_pending", "Outbox rows waiting to be published (including those in backoff)",
-        static_cast<double>(o.pending));
-  gauge("natspubsub_outbox_publishing", "Outbox rows claimed by a relay", static_cast<double>(o.publishing));
-  gauge("natspubsub_outbox_sent", "Outbox rows marked sent and not yet cleaned up", static_cast<double>(o.sent));
-  gauge("natspubsub_outbox_failed", "Outbox rows that reached the maximum attempts", static_cast<double>(o.failed));
-  gauge("natspubsub_outbox_oldest_pending_age_seconds", "Age of the oldest unsent outbox row",
-        o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0);
-  counter("natspubsub_relay_published_total", "Rows acknowledged by JetStream", static_cast<double>(s.published));
-  counter("natspubsub_relay_duplicates_total", "Rows JetStream already had (deduplicated)", static_cast<double>(s.duplicates));
-  counter("natspubsub_relay_retried_total", "Failed publishes rescheduled with backoff", static_cast<double>(s.retried));
-  counter("natspubsub_relay_failed_total", "Rows that reached the maximum attempts", static_cast<double>(s.failed));
-  counter("natspubsub_relay_errors_total", "Relay cycles that failed and were retried", static_cast<double>(s.errors));
-  counter("natspubsub_relay_batches_total", "Batches claimed", static_cast<double>(s.batches));
-  out << "# HELP natspubsub_relay_publish_latency_seconds Claim to acknowledgement time of published rows\n"
-      << "# TYPE natspubsub_relay_publish_latency_seconds histogram\n";
-  uint64_t cumulative = 0;
-  for (size_t i = 0; i < PublishLatencyHistogram::kBounds.size(); ++i) {
-    cumulative += s.publish_latency.counts[i];
-    out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"" << PublishLatencyHistogram::kBounds[i] << "\"} "
-        << cumulative << "\n";
+// --no-migrate promises the schema is there: name the first missing migration instead of failing
+// every cycle on a missing table. Returns "" when every built-in migration is applied.
+std::string first_missing_migration(store::Database& db) {
+  auto applied = store::applied_migrations(db);
+  for (const auto& m : store::migrations(db.backend())) {
+    if (std::find(applied.begin(), applied.end(), m.version) == applied.end()) return std::string(m.name);
   }
-  cumulative += s.publish_latency.counts.back();
-  out << "natspubsub_relay_publish_latency_seconds_bucket{le=\"+Inf\"} " << cumulative << "\n"
-      << "natspubsub_relay_publish_latency_seconds_sum " << s.publish_latency.sum_seconds << "\n"
-      << "natspubsub_relay_publish_latency_seconds_count " << s.publish_latency.count << "\n";
-  gauge("natspubsub_nats_connected", "1 when connected to NATS", h.state == ConnectionState::connected ? 1 : 0);
-  gauge("natspubsub_database_up", "1 when the database answered the last check", db_ok ? 1 : 0);
-  return out.str();
+  return {};
+}
+
+// Every `interval`: what the relay did since the last line, and what waits. Off when interval is 0.
+void log_progress(std::stop_token stop, std::chrono::seconds interval, const OutboxRelay& relay,
+                  const std::function<OutboxStats()>& outbox) {
+  std::mutex m;
+  std::condition_variable_any cv;
+  uint64_t last_published = relay.stats().published;
+  for (;;) {
+    {
+      std::unique_lock lock(m);
+      cv.wait_for(lock, stop, interval, [] { return false; });
+    }
+    if (stop.stop_requested()) return;
+    auto s = relay.stats();
+    try {
+      auto o = outbox();
+      spdlog::info("progress: {} published in the last {} s ({} since start), {} pending, oldest pending {:.1f} s, {} failed",
+                   s.published - last_published, interval.count(), s.published, o.pending,
+                   o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0, o.failed);
+    } catch (const std::exception& e) {
+      spdlog::info("progress: {} published in the last {} s ({} since start); outbox figures unavailable: {}",
+                   s.published - last_published, interval.count(), s.published, e.what());
+    }
+    last_published = s.published;
+  }
 }
 
 }  // namespace
@@ -85,9 +89,9 @@ int main(int argc, char** argv) {
   bool delete_sent = false;
   std::string log_format = "text";
   std::string metrics_addr;
-  cli.add_option("--database", database_url, "sqlite:///path.db, sqlite://relative.db or postgresql://user:pass@host:port/db")
-      ->envname("NATSPUBSUB_DATABASE_URL")
-      ->required();
+  cli.add_option("--database", database_url,
+                 "sqlite:///path.db, sqlite://relative.db or postgresql://... (also DATABASE_URL)")
+      ->envname("NATSPUBSUB_DATABASE_URL");
   cli.add_option("--batch-size", options.batch_size, "rows claimed and published per cycle")
       ->envname("NATSPUBSUB_RELAY_BATCH_SIZE")
       ->check(CLI::Range(1, 100000))
@@ -118,8 +122,14 @@ int main(int argc, char** argv) {
       ->envname("NATSPUBSUB_LOG_FORMAT")
       ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
-  cli.add_option("--metrics-addr", metrics_addr, "HOST:PORT serving /metrics (Prometheus) and /healthz")
+  cli.add_option("--metrics-addr", metrics_addr,
+                 ":PORT (all interfaces), HOST:PORT or [IPv6]:PORT serving /metrics, /livez, /readyz, /healthz")
       ->envname("NATSPUBSUB_METRICS_ADDR");
+  int64_t progress_s = 30;
+  cli.add_option("--progress-interval", progress_s, "seconds between progress lines (0: none)")
+      ->envname("NATSPUBSUB_RELAY_PROGRESS_INTERVAL_S")
+      ->check(CLI::Range(int64_t{0}, int64_t{86400}))
+      ->capture_default_str();
   cli.set_version_flag("--version", std::string("natspubsub-relay ") + std::string(natspubsub::version()));
   try {
     cli.parse(argc, argv);
@@ -128,6 +138,23 @@ int main(int argc, char** argv) {
     return rc == 0 ? kExitOk : kExitUsage;
   }
   setup_logging(log_format, "natspubsub-relay");
+  if (database_url.empty()) {
+    // The convention of Heroku, Rails and most PaaS: ours wins when both are set.
+    if (const char* v = std::getenv("DATABASE_URL"); v != nullptr) database_url = v;
+  }
+  if (database_url.empty()) {
+    spdlog::error("--database is required (or NATSPUBSUB_DATABASE_URL, or DATABASE_URL)");
+    return kExitUsage;
+  }
+  std::string listening_ports;
+  if (!metrics_addr.empty()) {
+    try {
+      listening_ports = parse_listen_address(metrics_addr);
+    } catch (const std::invalid_argument& e) {
+      spdlog::error("{}", e.what());
+      return kExitUsage;
+    }
+  }
   options.poll_interval = Millis{poll_ms};
   options.lease = Millis{lease_ms};
   options.ack_timeout = Millis{ack_timeout_ms};
@@ -146,13 +173,24 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<store::Database> db;
   try {
-    db = store::open_database(database_url);
+    // Only a run that migrates may create a SQLite file: with --no-migrate a mistyped path is refused.
+    db = store::open_database(database_url, {.create_sqlite_file = !no_migrate});
     if (!no_migrate) {
       auto applied = store::migrate(*db);
       if (!applied.empty()) spdlog::info("applied {} migration(s) to {}", applied.size(), db->description());
+    } else if (auto missing = first_missing_migration(*db); !missing.empty()) {
+      spdlog::error("database {}: migration {} is not applied (run once without --no-migrate, or apply "
+                    "migrations/{}/{} by hand)",
+                    db->description(), missing, db->backend() == store::Backend::sqlite ? "sqlite" : "postgres",
+                    missing);
+      return kExitDatabase;
     }
   } catch (const std::exception& e) {
-    spdlog::error("database: {}", e.what());
+    const bool missing_file = no_migrate && std::string_view(e.what()).find("does not exist") != std::string_view::npos;
+    spdlog::error("database: {}{}", e.what(), missing_file ? " (with --no-migrate the file is not created)" : "");
+    if (const auto* db_error = dynamic_cast<const store::DatabaseError*>(&e); db_error && !db_error->query().empty()) {
+      spdlog::debug("database: the failing statement: {}", db_error->query());
+    }
     return kExitDatabase;
   }
 
@@ -182,14 +220,15 @@ int main(int argc, char** argv) {
   try {
     // One extra database handle for the health check and the metrics endpoint: the relay's own
     // belongs to its thread.
-    auto side_db = store::open_database(database_url);
+    auto side_db = store::open_database(database_url, {.create_sqlite_file = false});
     auto side_store = std::shared_ptr<OutboxStore>(make_outbox_store(*side_db));
     auto side_mutex = std::make_shared<std::mutex>();
-    Health health(*nats);
-    health.add_check("database", [side_store, side_mutex] {
+    std::function<OutboxStats()> outbox_stats = [side_store, side_mutex] {
       std::lock_guard lock(*side_mutex);
-      (void)side_store->stats();
-    });
+      return side_store->stats();
+    };
+    Health health(*nats);
+    health.add_check("database", [outbox_stats] { (void)outbox_stats(); });
 
     // NATS service discovery: `$SRV.PING|INFO|STATS` list this relay and its figures.
     Service service(*nats, {.name = "natspubsub-relay", .version = std::string(natspubsub::version()),
@@ -208,25 +247,19 @@ int main(int argc, char** argv) {
       return std::vector<ServiceEndpoint>{e};
     });
 
-    std::unique_ptr<HttpServer> metrics;
+    std::unique_ptr<MetricsServer> metrics;
     if (!metrics_addr.empty()) {
-      metrics = std::make_unique<HttpServer>(metrics_addr, [&, side_store, side_mutex](const std::string& path) {
-        if (path == "/healthz") {
-          auto report = health.readiness();  // NATS connected, JetStream answering, database answering
-          return HttpResponse{report.ok ? 200 : 503, "application/json", report.to_json().dump() + "\n"};
-        }
-        if (path != "/metrics") return HttpResponse{404, "text/plain", "not found\n"};
-        bool db_ok = true;
-        OutboxStats ostats;
-        try {
-          std::lock_guard lock(*side_mutex);
-          ostats = side_store->stats();
-        } catch (const std::exception&) {
-          db_ok = false;
-        }
-        return HttpResponse{200, "text/plain; version=0.0.4", prometheus(relay.stats(), ostats, nats->health(), db_ok)};
-      });
-      spdlog::info("metrics on http://{}:{}/metrics", metrics_addr.substr(0, metrics_addr.rfind(':')), metrics->port());
+      metrics = std::make_unique<MetricsServer>(listening_ports, [&health] { return health.readiness(); });
+      metrics->add_collectable(std::make_shared<RelayMetrics>(RelayMetrics::Sources{
+          .relay = [&relay] { return relay.stats(); },
+          .outbox = outbox_stats,
+          .nats_connected = [&nats] { return nats->connected(); }}));
+      metrics->add_collectable(process_metrics());
+      spdlog::info("metrics on {} (port {}): /metrics /livez /readyz /healthz", metrics_addr, metrics->ports().front());
+    }
+    std::jthread progress;
+    if (!once && progress_s > 0) {
+      progress = std::jthread(log_progress, std::chrono::seconds(progress_s), std::cref(relay), outbox_stats);
     }
 
     if (once) {

@@ -5,6 +5,10 @@
 #include <charconv>
 #include <cstdlib>
 
+#include <libpq-fe.h>
+
+#include <memory>
+
 #include <natspubsub/store/postgres.hpp>
 #include <natspubsub/store/sqlite.hpp>
 
@@ -56,36 +60,6 @@ std::string redact_unparsed(std::string_view url) {
                          "postgresql://user:password@host:port/database)");
 }
 
-std::string percent_decode(std::string_view text, std::string_view url, const char* what) {
-  std::string out;
-  out.reserve(text.size());
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (text[i] != '%') {
-      out += text[i];
-      continue;
-    }
-    int value = 0;
-    if (i + 2 >= text.size()) bad_url(url, std::string("bad percent-encoding in the ") + what);
-    auto res = std::from_chars(text.data() + i + 1, text.data() + i + 3, value, 16);
-    if (res.ec != std::errc() || res.ptr != text.data() + i + 3) {
-      bad_url(url, std::string("bad percent-encoding in the ") + what);
-    }
-    out += static_cast<char>(value);
-    i += 2;
-  }
-  return out;
-}
-
-std::string quote_conninfo(const std::string& value) {
-  std::string out = "'";
-  for (char c : value) {
-    if (c == '\\' || c == '\'') out += '\\';
-    out += c;
-  }
-  out += '\'';
-  return out;
-}
-
 void replace_all(std::string& text, const std::string& needle, std::string_view with) {
   if (needle.empty()) return;
   for (std::size_t pos = 0; (pos = text.find(needle, pos)) != std::string::npos; pos += with.size()) {
@@ -107,122 +81,82 @@ DatabaseUrl DatabaseUrl::parse(std::string_view url) {
     return result;
   }
 
-  std::string_view rest;
+  std::string text;
   if (starts_with_nocase(url, "postgresql://")) {
-    rest = url.substr(13);
+    text = "postgresql://" + std::string(url.substr(13));
   } else if (starts_with_nocase(url, "postgres://")) {
-    rest = url.substr(11);
+    text = "postgres://" + std::string(url.substr(11));
   } else {
     bad_url(url, "unknown scheme");
   }
   result.backend_ = Backend::postgres;
-
-  std::string_view query;
-  if (auto q = rest.find('?'); q != std::string_view::npos) {
-    query = rest.substr(q + 1);
-    rest = rest.substr(0, q);
-  }
-  auto slash = rest.find('/');
-  if (slash == std::string_view::npos) bad_url(url, "no database name");
-  auto authority = rest.substr(0, slash);
-  auto raw_database = rest.substr(slash + 1);
-  if (raw_database.empty()) bad_url(url, "no database name");
-  if (raw_database.find('/') != std::string_view::npos) bad_url(url, "the database name contains '/'");
-  result.database_ = percent_decode(raw_database, url, "database name");
-
-  std::string_view hostport = authority;
-  std::string_view raw_user;
-  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
-    auto userinfo = authority.substr(0, at);
-    hostport = authority.substr(at + 1);
-    auto colon = userinfo.find(':');
-    raw_user = userinfo.substr(0, colon);
-    if (colon != std::string_view::npos) {
-      result.raw_password_ = std::string(userinfo.substr(colon + 1));
-      result.password_ = percent_decode(result.raw_password_, url, "password");
+  // libpq reads the URI itself (every form it documents: no host for the default socket,
+  // ?host=/run/postgresql, several hosts, any connection parameter); we ask it what it found.
+  char* raw_error = nullptr;
+  std::unique_ptr<PQconninfoOption, decltype(&PQconninfoFree)> options(PQconninfoParse(text.c_str(), &raw_error),
+                                                                        &PQconninfoFree);
+  if (!options) {
+    std::string why = raw_error != nullptr ? raw_error : "libpq could not parse it (out of memory)";
+    if (raw_error != nullptr) PQfreemem(raw_error);
+    while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) why.pop_back();
+    // libpq may quote the offending part; hide whatever looks like the password in it too.
+    DatabaseUrl guess;
+    auto at = text.rfind('@', text.find_first_of("/?", text.find("://") + 3));
+    auto colon = text.find(':', text.find("://") + 3);
+    if (at != std::string::npos && colon != std::string::npos && colon < at) {
+      guess.raw_password_ = text.substr(colon + 1, at - colon - 1);
     }
-    result.user_ = percent_decode(raw_user, url, "user name");
+    bad_url(url, guess.scrub(why));
   }
-
-  std::string_view port_text;
-  if (!hostport.empty() && hostport.front() == '[') {
-    auto close = hostport.find(']');
-    if (close == std::string_view::npos) bad_url(url, "unterminated '[' in the host");
-    result.host_ = std::string(hostport.substr(1, close - 1));
-    auto after = hostport.substr(close + 1);
-    if (!after.empty()) {
-      if (after.front() != ':') bad_url(url, "unexpected text after the host");
-      port_text = after.substr(1);
-      if (port_text.empty()) bad_url(url, "empty port");
-    }
-  } else {
-    auto colon = hostport.find(':');
-    result.host_ = std::string(hostport.substr(0, colon));
-    if (colon != std::string_view::npos) {
-      port_text = hostport.substr(colon + 1);
-      if (port_text.empty()) bad_url(url, "empty port");
+  for (auto* o = options.get(); o->keyword != nullptr; ++o) {
+    if (o->val == nullptr) continue;
+    std::string_view key = o->keyword;
+    if (key == "host") result.host_ = o->val;
+    if (key == "port") result.port_text_ = o->val;
+    if (key == "dbname") result.database_ = o->val;
+    if (key == "user") result.user_ = o->val;
+    if (key == "password") result.password_ = o->val;
+    if (key == "connect_timeout") result.has_connect_timeout_ = true;
+  }
+  // libpq checks ports only when connecting; a typo here should be an error now. "5432,5433"
+  // (one per host) is allowed; the first one is port().
+  if (!result.port_text_.empty()) {
+    std::string_view ports = result.port_text_;
+    for (std::size_t i = 0; i <= ports.size();) {
+      auto comma = std::min(ports.find(',', i), ports.size());
+      auto one = ports.substr(i, comma - i);
+      int port = 0;
+      auto res = std::from_chars(one.data(), one.data() + one.size(), port);
+      if (!one.empty() && (res.ec != std::errc() || res.ptr != one.data() + one.size() || port < 1 || port > 65535)) {
+        bad_url(url, "the port is not a number from 1 to 65535");
+      }
+      if (i == 0 && !one.empty()) result.port_ = port;
+      i = comma + 1;
     }
   }
-  if (result.host_.empty()) bad_url(url, "no host");
-  if (!port_text.empty()) {
-    int port = 0;
-    auto res = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
-    if (res.ec != std::errc() || res.ptr != port_text.data() + port_text.size() || port < 1 || port > 65535) {
-      bad_url(url, "the port is not a number from 1 to 65535");
-    }
-    result.port_ = port;
+  // The password as written (maybe percent-encoded), for scrub(): from the userinfo or ?password=.
+  auto authority_start = text.find("://") + 3;
+  auto authority_end = std::min(text.find('/', authority_start), text.find('?', authority_start));
+  auto at = text.rfind('@', authority_end);
+  if (at != std::string::npos && at >= authority_start) {
+    auto colon = text.find(':', authority_start);
+    if (colon != std::string::npos && colon < at) result.raw_password_ = text.substr(colon + 1, at - colon - 1);
   }
-
-  std::string redacted_query;
-  while (!query.empty()) {
-    auto amp = query.find('&');
-    auto pair = query.substr(0, amp);
-    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
-    if (pair.empty()) continue;
-    auto eq = pair.find('=');
-    if (eq == std::string_view::npos || eq == 0) bad_url(url, "query parameters must be key=value");
-    std::string key(pair.substr(0, eq));
-    bool key_ok = std::all_of(key.begin(), key.end(), [](char c) {
-      return std::islower(static_cast<unsigned char>(c)) || c == '_';
-    });
-    if (!key_ok) bad_url(url, "bad query parameter name '" + key + "'");
-    std::string value = percent_decode(pair.substr(eq + 1), url, "query parameters");
-    if (key == "password") {
-      result.raw_password_ = std::string(pair.substr(eq + 1));
-      result.password_ = value;
-    } else if (key == "host" || key == "port" || key == "dbname" || key == "user") {
-      bad_url(url, "'" + key + "' belongs in the URL itself, not in a query parameter");
-    } else {
-      result.options_.emplace_back(key, value);
-    }
-    redacted_query += (redacted_query.empty() ? "?" : "&") + key + "=" +
-                      (key == "password" ? std::string("***") : std::string(pair.substr(eq + 1)));
+  if (auto q = text.find("password=", authority_end == std::string::npos ? text.size() : authority_end);
+      q != std::string::npos) {
+    auto end = text.find('&', q);
+    result.raw_password_ = text.substr(q + 9, (end == std::string::npos ? text.size() : end) - q - 9);
   }
-
-  std::string redacted(url.substr(0, url.find("://") + 3));
-  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
-    redacted += std::string(raw_user);
-    if (authority.substr(0, at).find(':') != std::string_view::npos) redacted += ":***";
-    redacted += "@";
-  }
-  redacted += std::string(hostport) + "/" + std::string(raw_database) + redacted_query;
-  result.redacted_ = std::move(redacted);
+  result.uri_ = std::move(text);
+  result.redacted_ = result.scrub(redact_unparsed(result.uri_));
   return result;
 }
 
 std::string DatabaseUrl::postgres_conninfo() const {
-  std::string out = "host=" + quote_conninfo(host_) + " port=" + std::to_string(port_) +
-                    " dbname=" + quote_conninfo(database_);
-  if (!user_.empty()) out += " user=" + quote_conninfo(user_);
-  if (!password_.empty()) out += " password=" + quote_conninfo(password_);
-  bool has_timeout = false;
-  for (const auto& [key, value] : options_) {
-    out += " " + key + "=" + quote_conninfo(value);
-    has_timeout = has_timeout || key == "connect_timeout";
-  }
-  // Every wait has a bound: libpq would otherwise wait for the operating system's TCP timeout.
-  if (!has_timeout) out += " connect_timeout=10";
-  return out;
+  // The URI as written (libpq reads it); only a bound on connecting is added when it has none:
+  // libpq would otherwise wait for the operating system's TCP timeout.
+  if (has_connect_timeout_) return uri_;
+  return uri_ + (uri_.find('?') == std::string::npos ? "?" : "&") + "connect_timeout=10";
 }
 
 std::string DatabaseUrl::scrub(std::string text) const {
@@ -311,7 +245,7 @@ std::vector<Row> Transaction::query(std::string_view sql, const Params& params) 
 std::unique_ptr<Database> open_database(std::string_view url, const OpenOptions& options) {
   auto parsed = DatabaseUrl::parse(url);
   if (parsed.backend() == Backend::sqlite) {
-    return std::make_unique<SqliteDatabase>(parsed.path(), SqliteDatabase::Options{options.sqlite_busy_timeout});
+    return std::make_unique<SqliteDatabase>(parsed.path(), SqliteDatabase::Options{options.sqlite_busy_timeout, options.create_sqlite_file});
   }
   return std::make_unique<PostgresDatabase>(std::move(parsed));
 }

@@ -30,13 +30,6 @@ std::string one_line(std::string_view text) {
   return out;
 }
 
-std::string abbreviate(std::string_view query) {
-  constexpr std::size_t kMaxQueryInMessage = 300;
-  auto text = one_line(query);
-  if (text.size() > kMaxQueryInMessage) text = text.substr(0, kMaxQueryInMessage) + "...";
-  return text;
-}
-
 bool retryable_sqlstate(const std::string& state) {
   return state == "40001" || state == "40P01" || state == "40003" || state == "40000" ||
          state.starts_with("08") || state == "57P01" || state == "57P02" || state == "57P03";
@@ -68,9 +61,8 @@ bool retryable_sqlstate(const std::string& state) {
     throw DatabaseError(clean("connection lost during COMMIT, outcome unknown: " + one_line(e.what())), "08007");
   } catch (const pqxx::sql_error& e) {
     const std::string& state = e.sqlstate();
-    std::string message = one_line(e.what());
-    if (!e.query().empty()) message += " [query: " + abbreviate(e.query()) + "]";
-    message = clean(std::move(message));
+    // The statement is in DatabaseError::query(), not in the one-line message.
+    std::string message = clean(one_line(e.what()));
     std::string query = url != nullptr ? url->scrub(e.query()) : e.query();
     if (state == "23505") throw UniqueViolationError(message, state, std::move(query));
     if (retryable_sqlstate(state)) throw RetryableDatabaseError(message, state, std::move(query));
@@ -94,7 +86,7 @@ pqxx::result pg_exec(pqxx::transaction_base& txn, std::string_view sql, const Pa
     // PostgreSQL text cannot hold NUL anyway: refuse it as the server refuses bad encoding.
     if (texts.back().find('\0') != std::string::npos) {
       throw DatabaseError("parameter $" + std::to_string(i + 1) +
-                              " contains a NUL byte, which PostgreSQL text cannot store [query: " + abbreviate(sql) + "]",
+                              " contains a NUL byte, which PostgreSQL text cannot store",
                           "22021", url != nullptr ? url->scrub(std::string(sql)) : std::string(sql));
     }
   }

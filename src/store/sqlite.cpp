@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <filesystem>
 #include <string>
 #include <thread>
 
@@ -50,11 +51,9 @@ std::string code_name(int rc) {
 [[noreturn]] void throw_sqlite(sqlite3* db, int rc, std::string_view sql, std::string_view what = {}) {
   std::string message = db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
   if (!what.empty()) message = std::string(what) + ": " + message;
+  // The statement travels in DatabaseError::query(), not in the message: error lines stay one
+  // line, and whoever logs the error decides whether SQL is worth a (debug) line.
   std::string query(sql);
-  if (!query.empty()) {
-    constexpr std::size_t kMaxQueryInMessage = 300;
-    message += " [query: " + (query.size() > kMaxQueryInMessage ? query.substr(0, kMaxQueryInMessage) + "..." : query) + "]";
-  }
   auto name = code_name(rc);
   int primary = rc & 0xff;
   if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) {
@@ -109,8 +108,12 @@ void SqliteDatabase::FinalizeStmt::operator()(sqlite3_stmt* stmt) const noexcept
 SqliteDatabase::SqliteDatabase(const std::string& path, Options options)
     : path_(path), description_("sqlite://" + path) {
   sqlite3* raw = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+  int rc = sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | (options.create ? SQLITE_OPEN_CREATE : 0),
+                           nullptr);
   db_.reset(raw);  // a failed open may still return a handle that must be closed
+  if (rc != SQLITE_OK && !options.create && !std::filesystem::exists(path)) {
+    throw DatabaseError("SQLite database '" + path + "' does not exist");
+  }
   if (rc != SQLITE_OK) throw_sqlite(raw, rc, "", "cannot open SQLite database '" + path + "'");
   sqlite3_extended_result_codes(raw, 1);
   sqlite3_busy_timeout(raw, static_cast<int>(options.busy_timeout.count()));

@@ -73,8 +73,9 @@ class DatabaseUrlError : public DatabaseError {
 /// A parsed database URL:
 ///   sqlite:///absolute/path.db     sqlite://relative/path.db
 ///   postgresql://user:pass@host:port/dbname?sslmode=require   (also postgres://)
-/// User, password and database name may be percent-encoded. Query parameters of a PostgreSQL
-/// URL are passed to libpq as connection keywords (connect_timeout defaults to 10 seconds).
+/// A PostgreSQL URI is libpq's: PQconninfoParse reads it, so every form libpq documents works
+/// (postgresql:///orders?host=/run/postgresql, several hosts, any connection parameter), and it
+/// reaches libpq as written, with connect_timeout=10 added when it sets none.
 ///
 ///   auto url = DatabaseUrl::parse("postgresql://app:s3cret@db:5432/orders");
 ///   url.redacted();  // "postgresql://app:***@db:5432/orders"
@@ -93,7 +94,7 @@ class DatabaseUrl {
   [[nodiscard]] bool has_password() const noexcept { return !password_.empty(); }
   /// The URL with the password replaced by "***": safe for logs and error messages.
   [[nodiscard]] const std::string& redacted() const noexcept { return redacted_; }
-  /// libpq keyword/value connection string (contains the password: never log it).
+  /// What libpq gets: the URI (contains the password: never log it).
   [[nodiscard]] std::string postgres_conninfo() const;
   /// `text` with every occurrence of the password (plain and percent-encoded) replaced by "***".
   [[nodiscard]] std::string scrub(std::string text) const;
@@ -104,10 +105,12 @@ class DatabaseUrl {
   std::string user_;
   std::string password_;
   std::string raw_password_;  // as written in the URL, possibly percent-encoded
-  std::string host_;
-  int port_ = 5432;
+  std::string host_;        // as libpq read it: may be a list, or a socket directory
+  int port_ = 5432;         // the first port
+  std::string port_text_;   // as libpq read it
   std::string database_;
-  std::vector<std::pair<std::string, std::string>> options_;
+  std::string uri_;         // PostgreSQL: what libpq gets
+  bool has_connect_timeout_ = false;
   std::string redacted_;
 };
 
@@ -216,6 +219,9 @@ struct OpenOptions {
   /// SQLite: how long a statement waits for another connection's write lock before it fails
   /// with RetryableDatabaseError.
   std::chrono::milliseconds sqlite_busy_timeout{5000};
+  /// SQLite: create the file when it does not exist. Tools that will not migrate pass false, so
+  /// a mistyped path is refused instead of opening a new, empty database.
+  bool create_sqlite_file = true;
 };
 
 /// Opens a SqliteDatabase or a PostgresDatabase from a URL (see DatabaseUrl).

@@ -78,6 +78,9 @@ class SqliteDatabase final : public Database {
  public:
   struct Options {
     std::chrono::milliseconds busy_timeout{5000};
+    /// false: a missing file is a DatabaseError, not a new empty database (a typo in a path
+    /// must not look like an empty outbox).
+    bool create = true;
   };
 
   explicit SqliteDatabase(const std::string& path) : SqliteDatabase(path, Options{}) {}
