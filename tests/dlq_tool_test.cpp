@@ -461,7 +461,10 @@ TEST_CASE("an adopted DLQ stream is found; unknown reasons are listed and replay
   CHECK(show[0]["stream"] == "ops-dead-letters");
 
   // No consumer in its context: no replay route, so the default refuses and --to-subject works.
-  Topology(nats).ensure_stream({.name = "test-orders-events", .subjects = {"test.orders.>"}});
+  StreamSpec orders_stream;
+  orders_stream.name = "test-orders-events";
+  orders_stream.subjects = {"test.orders.>"};
+  Topology(nats).ensure_stream(orders_stream);
   auto routed = testing::run_command(tool + "replay " + seq + " --yes --env test --app payments 2>&1");
   CHECK(routed.status == 1);
   CHECK(routed.output.find("--to-subject") != std::string::npos);

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <random>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -454,4 +455,47 @@ TEST_CASE("start-up checks: each refusal is one line with a documented exit code
   auto none = testing::run_command(clean_env + kRelay + nats + " --once 2>&1");
   CHECK(none.status == 2);
   CHECK(none.output.find("DATABASE_URL") != std::string::npos);
+}
+
+// True once the process blocks SIGTERM and SIGINT (/proc/PID/status SigBlk): the relay's first
+// constructor has run. Before that only the dynamic loader runs, as in any program.
+bool blocks_stop_signals(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("SigBlk:", 0) != 0) continue;
+    const auto mask = std::stoull(line.substr(7), nullptr, 16);
+    const unsigned long long wanted = (1ULL << (SIGTERM - 1)) | (1ULL << (SIGINT - 1));
+    return (mask & wanted) == wanted;
+  }
+  return false;
+}
+
+TEST_CASE("SIGTERM at 40 random moments from the relay's first instruction: every run exits 0, none hangs") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  REQUIRE(testing::run_command(kRelay + " --database sqlite://" + db + " --nats " + server.url() +
+                               " --env test --app orders --once 2>&1").status == 0);
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> delay_ms(0, 300);  // start-up (flags, database, NATS) and the first cycles
+  int clean = 0;
+  std::string codes;
+  for (int run = 0; run < 40; ++run) {
+    const auto log = (dir.path() / ("sigterm-" + std::to_string(run) + ".log")).string();
+    pid_t pid = spawn({"--database", "sqlite://" + db, "--nats", server.url(), "--env", "test", "--app", "orders",
+                       "--poll-interval", "20"},
+                      log);
+    const auto loaded_by = std::chrono::steady_clock::now() + 10s;
+    while (!blocks_stop_signals(pid) && std::chrono::steady_clock::now() < loaded_by)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    const int wait = delay_ms(rng);
+    std::this_thread::sleep_for(std::chrono::milliseconds(wait));
+    kill(pid, SIGTERM);
+    const int code = wait_exit(pid, 10s);  // -1: it had to be killed (hung); -2: ended by a signal
+    codes += std::to_string(wait) + "ms:" + std::to_string(code) + " ";
+    clean += code == 0 ? 1 : 0;
+  }
+  INFO(codes);
+  CHECK(clean == 40);
 }

@@ -23,6 +23,7 @@
 #include <natspubsub/version.hpp>
 
 #include "common.hpp"
+#include "stop_signals.hpp"
 #include "metrics_server.hpp"
 #include "relay_metrics.hpp"
 
@@ -30,13 +31,6 @@ using namespace natspubsub;
 using namespace natspubsub::workers;
 
 namespace {
-
-std::stop_source stop_source;
-
-void on_signal(int) {
-  // Only async-signal-safe work here: request_stop sets an atomic flag.
-  stop_source.request_stop();
-}
 
 // --no-migrate promises the schema is there: name the first missing migration instead of failing
 // every cycle on a missing table. Returns "" when every built-in migration is applied.
@@ -77,6 +71,10 @@ void log_progress(std::stop_token stop, std::chrono::seconds interval, const Out
 }  // namespace
 
 int main(int argc, char** argv) {
+  // First, before any thread exists: SIGTERM and SIGINT are taken by a thread of ours, never by a
+  // signal handler. During start-up they end the process with exit 0 at once; once the relay runs
+  // they stop it after the batch in flight.
+  StopSignals signals;
   CLI::App cli{"natspubsub-relay: publishes committed outbox rows to NATS JetStream", "natspubsub-relay"};
   NatsFlags nats_flags;
   nats_flags.add_to(cli);
@@ -206,9 +204,6 @@ int main(int argc, char** argv) {
     return kExitNats;
   }
 
-  std::signal(SIGTERM, on_signal);
-  std::signal(SIGINT, on_signal);
-
   std::unique_ptr<OutboxRelay> relay_ptr;
   try {
     relay_ptr = std::make_unique<OutboxRelay>(*nats, *db, options);
@@ -262,13 +257,14 @@ int main(int argc, char** argv) {
       progress = std::jthread(log_progress, std::chrono::seconds(progress_s), std::cref(relay), outbox_stats);
     }
 
+    signals.set_running();
     if (once) {
-      auto n = relay.drain(stop_source.get_token());
+      auto n = relay.drain(signals.token());
       auto s = relay.stats();
       spdlog::info("relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed", n, s.published,
                    s.duplicates, s.retried, s.failed);
     } else {
-      relay.run(stop_source.get_token());
+      relay.run(signals.token());
     }
     nats->flush();
   } catch (const std::exception& e) {
