@@ -241,6 +241,16 @@ void make_replay_route(Connection& nats, const Config& config, const std::string
   t.ensure_consumer(spec);
 }
 
+// Letters that are both in the replay stream (by their x-replayed-from) and still in the DLQ:
+// what an interrupted replay must never leave behind.
+size_t replayed_and_kept(testing::RawNats& raw, const std::string& dlq, const std::string& replay_stream) {
+  std::set<std::string> replayed_from;
+  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
+  size_t both = 0;
+  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  return both;
+}
+
 uint64_t consumer_delivered(jsCtx* js, const std::string& stream, const std::string& durable) {
   jsConsumerInfo* ci = nullptr;
   jsErrCode jerr = static_cast<jsErrCode>(0);
@@ -548,10 +558,7 @@ TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothin
   CHECK(replayed < static_cast<uint64_t>(kLetters));
   CHECK(raw.stream_messages(replay_stream) == replayed);
   CHECK(raw.stream_messages(dlq) == kLetters - replayed);
-  std::set<std::string> replayed_from;
-  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
-  size_t both = 0;
-  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  const size_t both = replayed_and_kept(raw, dlq, replay_stream);
   CHECK(both == 0);
 }
 
@@ -876,10 +883,7 @@ TEST_CASE("review: a replay whose acknowledgement was lost is not reported as 'n
   REQUIRE(tool.wait_exit(120s));
   INFO(testing::detail::file_tail(log));
   std::this_thread::sleep_for(1s);
-  std::set<std::string> replayed_from;
-  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
-  size_t both = 0;
-  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  const size_t both = replayed_and_kept(raw, dlq, replay_stream);
   nlohmann::json outcome;
   for (const auto& j : json_lines(testing::detail::file_from(log, 0)))
     if (j.contains("replayed")) outcome = j;
@@ -912,9 +916,6 @@ TEST_CASE("review: SIGHUP (the operator's SSH session drops) during a replay: no
   REQUIRE(tool.wait_exit(30s));
   INFO(tool.last_exit());
   INFO(testing::detail::file_tail(log));
-  std::set<std::string> replayed_from;
-  for (const auto& m : raw.read_stream(replay_stream)) replayed_from.insert(header_of(m, "x-replayed-from"));
-  size_t both = 0;
-  for (const auto& m : raw.read_stream(dlq)) both += replayed_from.count(dlq + ":" + std::to_string(m.sequence));
+  const size_t both = replayed_and_kept(raw, dlq, replay_stream);
   CHECK(both == 0);  // was up to a window (256): killed between the replays and their deletes, silently
 }
