@@ -499,3 +499,17 @@ TEST_CASE("SIGTERM at 40 random moments from the relay's first instruction: ever
   INFO(codes);
   CHECK(clean == 40);
 }
+
+TEST_CASE("a lease at or above the stream's duplicate window is refused with the reason, exit 3") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = "sqlite://" + (dir.path() / "o.db").string();
+  // The test stream's duplicate window is the library default, 2 minutes.
+  auto r = testing::run_command(kRelay + " --database " + db + " --nats " + server.url() +
+                                " --env test --app orders --lease 120000 --once 2>&1");
+  INFO(r.output);
+  CHECK(r.status == 3);
+  CHECK(r.output.find("duplicate window") != std::string::npos);
+  CHECK(testing::run_command(kRelay + " --database " + db + " --nats " + server.url() +
+                             " --env test --app orders --lease 110000 --once 2>&1").status == 0);
+}

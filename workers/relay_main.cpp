@@ -9,6 +9,7 @@
 #include <string_view>
 #include <thread>
 
+#include <nats/nats.h>
 #include <spdlog/spdlog.h>
 
 #include <natspubsub/connection.hpp>
@@ -31,6 +32,18 @@ using namespace natspubsub;
 using namespace natspubsub::workers;
 
 namespace {
+
+// The stream's duplicate window; nullopt when it cannot be read (the check is then skipped).
+std::optional<Millis> duplicate_window(Connection& nats, const std::string& stream) {
+  jsStreamInfo* si = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  if (js_GetStreamInfo(&si, nats.jetstream(), stream.c_str(), nullptr, &jerr) != NATS_OK || si == nullptr)
+    return std::nullopt;
+  const int64_t ns = si->Config != nullptr ? si->Config->Duplicates : 0;
+  jsStreamInfo_Destroy(si);
+  if (ns <= 0) return std::nullopt;
+  return Millis{ns / 1000000};
+}
 
 // --no-migrate promises the schema is there: name the first missing migration instead of failing
 // every cycle on a missing table. Returns "" when every built-in migration is applied.
@@ -195,7 +208,14 @@ int main(int argc, char** argv) {
   std::optional<Connection> nats;
   try {
     nats.emplace(config);
-    Topology(*nats).ensure_events_stream();
+    const auto events = Topology(*nats).ensure_events_stream();
+    // A row re-claimed after its lease ended is published again; JetStream drops the copy only
+    // inside the stream's duplicate window, so the lease must end well inside it.
+    if (const auto window = duplicate_window(*nats, events.stream); window && options.lease >= *window)
+      throw ConfigError("relay.lease", "--lease " + std::to_string(options.lease.count()) +
+                                           " ms must be below the duplicate window of stream " + events.stream + " (" +
+                                           std::to_string(window->count()) +
+                                           " ms): a row published again after its lease would be stored twice");
   } catch (const ConfigError& e) {
     spdlog::error("{}", e.what());
     return kExitConfig;
