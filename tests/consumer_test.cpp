@@ -48,21 +48,8 @@ bool wait_until(Pred pred, std::chrono::milliseconds timeout) {
   return pred();
 }
 
-struct ConsumerState {
-  uint64_t ack_pending = 0;
-  uint64_t pending = 0;
-  uint64_t redelivered = 0;
-  uint64_t ack_floor = 0;
-};
-
-ConsumerState consumer_state(testing::RawNats& raw, const std::string& stream, const std::string& durable) {
-  jsConsumerInfo* ci = nullptr;
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  REQUIRE(js_GetConsumerInfo(&ci, raw.js(), stream.c_str(), durable.c_str(), nullptr, &jerr) == NATS_OK);
-  ConsumerState s{static_cast<uint64_t>(ci->NumAckPending), ci->NumPending, static_cast<uint64_t>(ci->NumRedelivered),
-                  ci->AckFloor.Stream};
-  jsConsumerInfo_Destroy(ci);
-  return s;
+testing::DurableState consumer_state(testing::RawNats& raw, const std::string& stream, const std::string& durable) {
+  return raw.durable_state(stream, durable);
 }
 
 std::map<std::string, std::string> headers_of(const testing::StoredMessage& m) {

@@ -24,6 +24,7 @@
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/topology.hpp>
 
+#include "support/eventually.hpp"
 #include "support/nats_helpers.hpp"
 #include "support/process.hpp"
 #include "support/servers.hpp"
@@ -39,31 +40,8 @@ constexpr const char* kEvents = "test-orders-events";
 constexpr const char* kDlq = "test-orders-dlq";
 constexpr const char* kDurable = "test-orders-test_orders_order_created";
 
-template <typename Pred>
-bool wait_until(Pred pred, std::chrono::milliseconds timeout) {
-  const auto until = Clock::now() + timeout;
-  while (Clock::now() < until) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(10ms);
-  }
-  return pred();
-}
-
-struct ConsumerState {
-  uint64_t ack_pending = 0;
-  uint64_t pending = 0;
-  uint64_t redelivered = 0;
-  int64_t max_deliver = 0;
-};
-
-ConsumerState consumer_state(testing::RawNats& raw, const std::string& durable = kDurable) {
-  jsConsumerInfo* ci = nullptr;
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  REQUIRE(js_GetConsumerInfo(&ci, raw.js(), kEvents, durable.c_str(), nullptr, &jerr) == NATS_OK);
-  ConsumerState s{static_cast<uint64_t>(ci->NumAckPending), ci->NumPending, static_cast<uint64_t>(ci->NumRedelivered),
-                  ci->Config->MaxDeliver};
-  jsConsumerInfo_Destroy(ci);
-  return s;
+testing::DurableState consumer_state(testing::RawNats& raw, const std::string& durable = kDurable) {
+  return raw.durable_state(kEvents, durable);
 }
 
 bool settled(testing::RawNats& raw) {
@@ -124,7 +102,7 @@ TEST_CASE("DLQ stream gone for 30 s: every failing message stays owned, then rea
   for (int i = 0; i < 2; ++i) good.insert(f.publisher.publish("order.created", {{"id", 100 + i}}).event_id);
 
   // Every failing message was decided and refused by the DLQ at least once.
-  REQUIRE(wait_until([&] { return consumer.stats(kDurable).dlq_failures >= failing.size(); }, 10000ms));
+  REQUIRE(testing::eventually([&] { return consumer.stats(kDurable).dlq_failures >= failing.size(); }, 10000ms));
   const auto refused_early = consumer.stats(kDurable).dlq_failures;
   std::this_thread::sleep_for(30s - (Clock::now() - outage_start));
 
@@ -141,8 +119,8 @@ TEST_CASE("DLQ stream gone for 30 s: every failing message stays owned, then rea
                                     << " messages held, " << owned.redelivered << " of them redelivered");
 
   Topology(f.connection).ensure_dlq_stream();
-  REQUIRE(wait_until([&] { return f.dead_letters().size() == failing.size(); }, 10000ms));
-  REQUIRE(wait_until([&] { return settled(f.raw); }, 5000ms));
+  REQUIRE(testing::eventually([&] { return f.dead_letters().size() == failing.size(); }, 10000ms));
+  REQUIRE(testing::eventually([&] { return settled(f.raw); }, 5000ms));
   std::this_thread::sleep_for(500ms);  // ten backoff periods: no second letter arrives late
 
   auto letters = f.dead_letters();
@@ -178,7 +156,7 @@ TEST_CASE("a durable made with a finite MaxDeliver (earlier versions) is made un
   consumer.start();
   CHECK(consumer_state(f.raw).max_deliver == -1);
   f.publisher.publish("order.created", {{"id", 1}});
-  REQUIRE(wait_until([&] { return consumer.stats(kDurable).acked == 1; }, 5000ms));
+  REQUIRE(testing::eventually([&] { return consumer.stats(kDurable).acked == 1; }, 5000ms));
   CHECK(calls == 1);
 }
 
@@ -194,10 +172,10 @@ TEST_CASE("a finite max_deliver: the server's advisory still dead-letters what i
   }, {.max_attempts = 1, .backoff = Backoff::list({Millis{50}}), .max_deliver = 2});
   consumer.start();
   auto r = f.publisher.publish("order.created", {{"id", 1}});
-  REQUIRE(wait_until([&] { return consumer.stats(kDurable).dlq_failures >= 2; }, 5000ms));
+  REQUIRE(testing::eventually([&] { return consumer.stats(kDurable).dlq_failures >= 2; }, 5000ms));
   std::this_thread::sleep_for(300ms);  // the advisory's publish tries have started
   Topology(f.connection).ensure_dlq_stream();
-  REQUIRE(wait_until([&] { return f.dead_letters().size() == 1; }, 5000ms));
+  REQUIRE(testing::eventually([&] { return f.dead_letters().size() == 1; }, 5000ms));
   auto letter = f.dead_letters().at(r.event_id).at(0);
   CHECK(headers_of(letter)["x-dlq-reason"] == "max_deliveries");
   CHECK(calls == 1);

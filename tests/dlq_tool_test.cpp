@@ -522,27 +522,41 @@ TEST_CASE("bad arguments: one line, exit 2; --json everywhere; a mistyped SQLite
   CHECK(!std::filesystem::exists(missing));
 }
 
-TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothing both replayed and kept") {
+// 20,000 letters of `durable`, its replay route, and natspubsub-dlq replaying them all (--json),
+// already under way: for tests that interrupt or stall the replay from outside.
+struct BulkReplay {
+  static constexpr int kLetters = 20000;
   testing::NatsServer server;
-  auto config = testing::test_config(server.url(), "payments");
-  Connection nats(config);
-  Topology(nats).ensure_dlq_stream();
-  make_replay_route(nats, config, "test-payments-int");
-  constexpr int kLetters = 20000;
-  write_letters(nats, config, "test-payments-int", kLetters);
-  testing::RawNats raw(server.url());
-  const auto dlq = config.dlq_stream_name();
-  const auto replay_stream = Topology::replay_stream_spec(config).name;
-
+  Config config = testing::test_config(server.url(), "payments");
+  Connection nats{config};
+  testing::RawNats raw{server.url()};
+  std::string dlq = config.dlq_stream_name();
+  std::string replay_stream = Topology::replay_stream_spec(config).name;
   testing::TempDir dir;
-  const auto log = dir.path() / "replay.log";
+  std::filesystem::path log = dir.path() / "replay.log";
   testing::detail::ChildProcess tool;
-  tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
-                       "--json"},
-              .log_file = log,
-              .working_dir = {},
-              .run_as = std::nullopt});
-  REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
+
+  explicit BulkReplay(const std::string& durable) {
+    Topology(nats).ensure_dlq_stream();
+    make_replay_route(nats, config, durable);
+    write_letters(nats, config, durable, kLetters);
+    tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all",
+                         "--yes", "--json"},
+                .log_file = log,
+                .working_dir = {},
+                .run_as = std::nullopt});
+    REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
+  }
+};
+
+TEST_CASE("SIGINT during a replay: the window in hand finishes, exit 130, nothing both replayed and kept") {
+  BulkReplay r("test-payments-int");
+  auto& raw = r.raw;
+  auto& tool = r.tool;
+  const auto& log = r.log;
+  const auto& dlq = r.dlq;
+  const auto& replay_stream = r.replay_stream;
+  constexpr int kLetters = BulkReplay::kLetters;
   tool.signal(SIGINT);
   REQUIRE(tool.wait_exit(30s));
   INFO(testing::detail::file_tail(log));
@@ -857,29 +871,15 @@ TEST_CASE("review: a replay whose acknowledgement was lost is not reported as 'n
   // The server stalls (GC pause, network) longer than the publish ack timeout, then goes on: the
   // publishes it had received are stored. The tool must not keep those letters as "not replayed"
   // without saying they may have been replayed (or, better, find out).
-  testing::NatsServer server;
-  auto config = testing::test_config(server.url(), "payments");
-  Connection nats(config);
-  Topology(nats).ensure_dlq_stream();
-  make_replay_route(nats, config, "test-payments-stall");
-  constexpr int kLetters = 20000;
-  write_letters(nats, config, "test-payments-stall", kLetters);
-  testing::RawNats raw(server.url());
-  const auto dlq = config.dlq_stream_name();
-  const auto replay_stream = Topology::replay_stream_spec(config).name;
-
-  testing::TempDir dir;
-  const auto log = dir.path() / "replay.log";
-  testing::detail::ChildProcess tool;
-  tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
-                       "--json"},
-              .log_file = log,
-              .working_dir = {},
-              .run_as = std::nullopt});
-  REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
-  ::kill(server.pid(), SIGSTOP);
+  BulkReplay r("test-payments-stall");
+  auto& raw = r.raw;
+  auto& tool = r.tool;
+  const auto& log = r.log;
+  const auto& dlq = r.dlq;
+  const auto& replay_stream = r.replay_stream;
+  ::kill(r.server.pid(), SIGSTOP);
   std::this_thread::sleep_for(13s);  // past the tool's 10 s ack timeout
-  ::kill(server.pid(), SIGCONT);
+  ::kill(r.server.pid(), SIGCONT);
   REQUIRE(tool.wait_exit(120s));
   INFO(testing::detail::file_tail(log));
   std::this_thread::sleep_for(1s);
@@ -892,26 +892,12 @@ TEST_CASE("review: a replay whose acknowledgement was lost is not reported as 'n
 }
 
 TEST_CASE("review: SIGHUP (the operator's SSH session drops) during a replay: nothing both replayed and kept") {
-  testing::NatsServer server;
-  auto config = testing::test_config(server.url(), "payments");
-  Connection nats(config);
-  Topology(nats).ensure_dlq_stream();
-  make_replay_route(nats, config, "test-payments-hup");
-  constexpr int kLetters = 20000;
-  write_letters(nats, config, "test-payments-hup", kLetters);
-  testing::RawNats raw(server.url());
-  const auto dlq = config.dlq_stream_name();
-  const auto replay_stream = Topology::replay_stream_spec(config).name;
-
-  testing::TempDir dir;
-  const auto log = dir.path() / "replay.log";
-  testing::detail::ChildProcess tool;
-  tool.spawn({.argv = {kTool, "--nats", server.url(), "--env", "test", "--app", "payments", "replay", "--all", "--yes",
-                       "--json"},
-              .log_file = log,
-              .working_dir = {},
-              .run_as = std::nullopt});
-  REQUIRE(eventually([&] { return raw.stream_messages(dlq) < kLetters; }, 60s));
+  BulkReplay r("test-payments-hup");
+  auto& raw = r.raw;
+  auto& tool = r.tool;
+  const auto& log = r.log;
+  const auto& dlq = r.dlq;
+  const auto& replay_stream = r.replay_stream;
   tool.signal(SIGHUP);
   REQUIRE(tool.wait_exit(30s));
   INFO(tool.last_exit());

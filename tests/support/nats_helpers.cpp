@@ -25,6 +25,17 @@ RawNats::~RawNats() {
   natsConnection_Destroy(nc_);
 }
 
+DurableState RawNats::durable_state(const std::string& stream, const std::string& durable) {
+  jsConsumerInfo* ci = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  if (js_GetConsumerInfo(&ci, js_, stream.c_str(), durable.c_str(), nullptr, &jerr) != NATS_OK)
+    throw std::runtime_error("no consumer " + durable + " on stream " + stream);
+  DurableState s{static_cast<uint64_t>(ci->NumAckPending), ci->NumPending, static_cast<uint64_t>(ci->NumRedelivered),
+                 ci->AckFloor.Stream, ci->Config->MaxDeliver};
+  jsConsumerInfo_Destroy(ci);
+  return s;
+}
+
 uint64_t RawNats::stream_messages(const std::string& stream) {
   jsStreamInfo* si = nullptr;
   jsErrCode jerr = static_cast<jsErrCode>(0);

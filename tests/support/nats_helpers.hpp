@@ -24,6 +24,15 @@ struct StoredMessage {
   std::vector<std::pair<std::string, std::string>> headers;
 };
 
+/// A durable's state as the server reports it.
+struct DurableState {
+  uint64_t ack_pending = 0;
+  uint64_t pending = 0;
+  uint64_t redelivered = 0;
+  uint64_t ack_floor = 0;    ///< stream sequence
+  int64_t max_deliver = 0;
+};
+
 /// A raw cnats connection + JetStream context, closed on destruction.
 class RawNats {
  public:
@@ -36,6 +45,8 @@ class RawNats {
 
   /// Every message of the stream, by sequence (bounded by the stream's message count).
   std::vector<StoredMessage> read_stream(const std::string& stream);
+  /// The durable's state (throws if it does not exist).
+  DurableState durable_state(const std::string& stream, const std::string& durable);
   /// Message count of a stream (throws if it does not exist).
   uint64_t stream_messages(const std::string& stream);
   /// Creates a stream with these subjects (file storage, R1).
