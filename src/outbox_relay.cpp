@@ -7,6 +7,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <unordered_map>
 
 #include <nats/nats.h>
 
@@ -168,6 +169,43 @@ RelayStats OutboxRelay::stats() const {
   return impl_->stats;
 }
 
+namespace {
+
+RawMessage to_message(const OutboxRow& row) {
+  RawMessage m;
+  m.subject = row.subject;
+  m.payload = row.payload;
+  m.msg_id = row.event_id;
+  m.headers = to_headers(row.headers);
+  return m;
+}
+
+// What became of each row of a batch, gathered for the store updates at its end.
+struct BatchOutcome {
+  std::vector<std::int64_t> acked;
+  std::vector<std::int64_t> unavailable;  // NATS or the stream did not answer: released, no attempt
+  std::string unavailable_error;
+  std::vector<OutboxFailure> retryable;
+  std::vector<OutboxFailure> refused;     // refused by the server or not publishable: failed now
+  std::vector<std::int64_t> held_back;    // never published: behind a failed row of their key, or out of time
+  uint64_t duplicates = 0;
+};
+
+// The rounds of a batch: round r holds the r-th row of every key (in id order) and, in round 0,
+// every row without a key. So no key ever has two rows in one round.
+std::vector<std::vector<std::size_t>> rounds_of(const std::vector<OutboxRow>& rows) {
+  std::vector<std::vector<std::size_t>> rounds;
+  std::unordered_map<std::string, std::size_t> next_round;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const std::size_t r = rows[i].partition_key ? next_round[*rows[i].partition_key]++ : 0;
+    if (rounds.size() <= r) rounds.resize(r + 1);
+    rounds[r].push_back(i);
+  }
+  return rounds;
+}
+
+}  // namespace
+
 std::size_t OutboxRelay::run_once() {
   auto& o = impl_->options;
   auto& store = *impl_->store;
@@ -183,18 +221,17 @@ std::size_t OutboxRelay::run_once() {
   natsConnection* nc = impl_->connection->native();
   const int64_t server_max = nc != nullptr ? natsConnection_GetMaxPayload(nc) : 0;
   const size_t max_payload = server_max > 0 ? static_cast<size_t>(server_max) : size_t{1024 * 1024};
-  std::vector<OutboxFailure> unpublishable;
-  std::vector<std::int64_t> held_back;
-  std::set<std::string> stopped_keys;
+  BatchOutcome out;
+  std::set<std::string> stopped_keys;  // a row of the key failed: its later rows are not published
   std::vector<OutboxRow> publishable;
   publishable.reserve(rows.size());
   for (auto& row : rows) {
     if (row.partition_key && stopped_keys.count(*row.partition_key) > 0) {
-      held_back.push_back(row.id);
+      out.held_back.push_back(row.id);
       continue;
     }
     if (auto problem = publish_problem(row, max_payload)) {
-      unpublishable.push_back({row.id, "not publishable: " + *problem, Millis{0}});
+      out.refused.push_back({row.id, "not publishable: " + *problem, Millis{0}});
       if (row.partition_key) stopped_keys.insert(*row.partition_key);
       continue;
     }
@@ -203,90 +240,108 @@ std::size_t OutboxRelay::run_once() {
   const size_t claimed = rows.size();
   rows = std::move(publishable);
 
-  std::vector<RawMessage> messages;
-  messages.reserve(rows.size());
-  for (const auto& row : rows) {
-    RawMessage m;
-    m.subject = row.subject;
-    m.payload = row.payload;
-    m.msg_id = row.event_id;
-    m.headers = to_headers(row.headers);
-    messages.push_back(std::move(m));
-  }
+  // Per-key order: a row is published only once the PubAck of the previous row of its key is in.
+  // The batch goes out in rounds (round r: the r-th row of each key, all unkeyed rows in round 0),
+  // each round with up to publish_window messages in flight and every PubAck awaited before the
+  // next round starts. A key whose row fails in a round is stopped: its later rows are released
+  // unpublished. So whatever the failure (refused, timed out, lost with a dropped socket while
+  // cnats' reconnect buffer carries other messages through), no later row of a key is ever sent
+  // before an earlier one is stored. Many keys share each round, so the window stays full; a
+  // single hot key costs one round trip per row.
   BatchOptions bo;
   bo.window = o.publish_window;
   bo.ack_timeout = o.ack_timeout;
-  auto results = impl_->publisher->publish_raw_batch(messages, bo);
+  bool stop_all = false;  // an outage, or the lease running short: nothing more is published
+  for (const auto& round : rounds_of(rows)) {
+    std::vector<std::size_t> go;
+    go.reserve(round.size());
+    for (auto i : round) {
+      if (stop_all || (rows[i].partition_key && stopped_keys.count(*rows[i].partition_key) > 0))
+        out.held_back.push_back(rows[i].id);
+      else
+        go.push_back(i);
+    }
+    if (go.empty()) continue;
+    // A round takes at most ceil(n / window) x ack_timeout; one that could end after the lease
+    // is not started (another relay could then claim its rows while they are in flight).
+    const auto round_max = o.ack_timeout * static_cast<int64_t>((go.size() + bo.window - 1) / bo.window);
+    if (std::chrono::steady_clock::now() - started + round_max >= o.lease) {
+      for (auto i : go) out.held_back.push_back(rows[i].id);
+      stop_all = true;
+      continue;
+    }
+    std::vector<RawMessage> messages;
+    messages.reserve(go.size());
+    for (auto i : go) messages.push_back(to_message(rows[i]));
+    const auto results = impl_->publisher->publish_raw_batch(messages, bo);
+    for (std::size_t k = 0; k < go.size(); ++k) {
+      const auto& row = rows[go[k]];
+      const auto& r = results[k];
+      if (r) {
+        out.acked.push_back(row.id);
+        out.duplicates += r.duplicate ? 1 : 0;
+        continue;
+      }
+      if (row.partition_key) stopped_keys.insert(*row.partition_key);
+      if (outage(*r.error)) {
+        out.unavailable.push_back(row.id);
+        if (out.unavailable_error.empty()) out.unavailable_error = r.error->message;
+        stop_all = true;
+        continue;
+      }
+      OutboxFailure f{row.id, r.error->message, backoff_delay(o.backoff, row.attempts + 1)};
+      (r.error->retryable ? out.retryable : out.refused).push_back(std::move(f));
+    }
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
-  std::vector<std::int64_t> acked;
-  std::vector<std::int64_t> unavailable;  // NATS or the stream did not answer: released, no attempt
-  std::string unavailable_error;
-  std::vector<OutboxFailure> retryable;
-  std::vector<OutboxFailure> refused;
-  uint64_t duplicates = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = results[i];
-    if (r) {
-      acked.push_back(rows[i].id);
-      duplicates += r.duplicate ? 1 : 0;
-      continue;
-    }
-    if (outage(*r.error)) {
-      unavailable.push_back(rows[i].id);
-      if (unavailable_error.empty()) unavailable_error = r.error->message;
-      continue;
-    }
-    OutboxFailure f{rows[i].id, r.error->message, backoff_delay(o.backoff, rows[i].attempts + 1)};
-    (r.error->retryable ? retryable : refused).push_back(std::move(f));
-  }
-
-  if (!acked.empty()) {
+  if (!out.acked.empty()) {
     if (o.delete_sent)
-      store.delete_sent(o.relay_id, acked);
+      store.delete_sent(o.relay_id, out.acked);
     else
-      store.mark_sent(o.relay_id, acked);
+      store.mark_sent(o.relay_id, out.acked);
   }
   OutboxFailResult fr;
   uint64_t released = 0;
-  if (!retryable.empty()) {
-    if (!impl_->connection->connected()) {
+  const bool connection_lost = !out.retryable.empty() && !impl_->connection->connected();
+  if (!out.retryable.empty()) {
+    if (connection_lost) {
       // The connection dropped under the batch: not the rows' fault, so no attempt is counted.
       std::vector<std::int64_t> ids;
-      for (const auto& f : retryable) ids.push_back(f.id);
+      for (const auto& f : out.retryable) ids.push_back(f.id);
       released = store.release(o.relay_id, ids);
     } else {
-      fr = store.mark_failed(o.relay_id, retryable, o.max_attempts);
+      fr = store.mark_failed(o.relay_id, out.retryable, o.max_attempts);
     }
   }
-  if (!unavailable.empty()) {
-    released += store.release(o.relay_id, unavailable);
+  if (!out.unavailable.empty()) {
+    released += store.release(o.relay_id, out.unavailable);
     impl_->outage = true;
     logger()->warn("outbox relay {}: {} of {} rows not acknowledged ({}); released without counting an attempt, "
                    "the relay backs off",
-                   o.relay_id, unavailable.size(), rows.size(), unavailable_error);
+                   o.relay_id, out.unavailable.size(), claimed, out.unavailable_error);
   }
-  refused.insert(refused.end(), unpublishable.begin(), unpublishable.end());
-  if (!held_back.empty()) released += store.release(o.relay_id, held_back);
-  if (!refused.empty()) {
+  if (!out.held_back.empty()) released += store.release(o.relay_id, out.held_back);
+  if (!out.refused.empty()) {
     // Refused by the server or invalid (too large, bad subject): another try cannot succeed.
-    auto r = store.mark_failed(o.relay_id, refused, 1);
+    auto r = store.mark_failed(o.relay_id, out.refused, 1);
     fr.failed.insert(fr.failed.end(), r.failed.begin(), r.failed.end());
-    for (const auto& f : refused) logger()->error("outbox row {} failed permanently: {}", f.id, f.error);
+    for (const auto& f : out.refused) logger()->error("outbox row {} failed permanently: {}", f.id, f.error);
   }
-  if (!retryable.empty())
+  if (!out.retryable.empty())
     logger()->warn("outbox relay {}: {} of {} rows not acknowledged ({}); first error: {}", o.relay_id,
-                   retryable.size(), rows.size(), released ? "released" : "rescheduled", retryable.front().error);
+                   out.retryable.size(), claimed, connection_lost ? "released" : "rescheduled",
+                   out.retryable.front().error);
 
   std::lock_guard lock(impl_->stats_mutex);
   auto& s = impl_->stats;
   s.batches++;
-  s.published += acked.size();
-  s.duplicates += duplicates;
+  s.published += out.acked.size();
+  s.duplicates += out.duplicates;
   s.retried += fr.rescheduled.size();
   s.failed += fr.failed.size();
   s.released += released;
-  for (size_t i = 0; i < acked.size(); ++i) s.publish_latency.record(seconds);
+  for (size_t i = 0; i < out.acked.size(); ++i) s.publish_latency.record(seconds);
   return claimed;
 }
 

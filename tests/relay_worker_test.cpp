@@ -338,6 +338,63 @@ TEST_CASE("rows NATS cannot carry are failed at once; their key waits; nothing e
   CHECK(count(db, "event_id = 'k-after' AND status = 'pending'") == 1);
 }
 
+TEST_CASE("a message the server refuses in the middle of a key's run: no later row of that key is published") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  auto base = kRelay + " --database sqlite://" + db + " --nats " + server.url() +
+              " --env test --app orders --ack-timeout 2000 --once 2>&1";
+  REQUIRE(testing::run_command(base).status == 0);  // migrated, events stream made
+  testing::RawNats raw(server.url());
+  raw.add_stream("refuser", {"test.refused.>"}, 1, /*max_msg_size=*/64);  // refuses the 200-byte row
+
+  // 40 keys of 5 rows each, interleaved as producers write them (row r of every key, then row
+  // r + 1). k7's third row goes to a stream that refuses it, k9's second row to a subject no
+  // stream takes (no responders). Everything else is valid.
+  std::string values;
+  const std::string big(200, 'x');
+  for (int r = 0; r < 5; ++r) {
+    for (int k = 0; k < 40; ++k) {
+      std::string subject = "test.orders.order.created";
+      std::string payload = "{}";
+      if (k == 7 && r == 2) subject = "test.refused.order", payload = big;
+      if (k == 9 && r == 1) subject = "test.nostream.order";
+      if (!values.empty()) values += ", ";
+      values += "('k" + std::to_string(k) + "-" + std::to_string(r) + "', '" + subject + "', '" + payload + "', 'k" +
+                std::to_string(k) + "')";
+    }
+  }
+  auto insert = testing::run_command("sqlite3 " + sh_quote(db) +
+                                     " \"INSERT INTO natspubsub_outbox (event_id, subject, payload, partition_key) "
+                                     "VALUES " + values + ";\" 2>&1");
+  INFO(insert.output);
+  REQUIRE(insert.status == 0);
+
+  auto run = testing::run_command(base);
+  INFO(run.output.substr(0, 3000));
+  CHECK(run.status == 0);
+
+  // The stream holds every row of the 38 other keys, k7's first two and k9's first, each key in id order.
+  std::map<std::string, std::vector<int>> stored;
+  for (const auto& m : raw.read_stream("test-orders-events")) {
+    const auto dash = m.msg_id.find('-');
+    REQUIRE(dash != std::string::npos);
+    stored[m.msg_id.substr(0, dash)].push_back(std::stoi(m.msg_id.substr(dash + 1)));
+  }
+  CHECK(raw.stream_messages("refuser") == 0);
+  for (int k = 0; k < 40; ++k) {
+    const auto key = "k" + std::to_string(k);
+    std::vector<int> expected;
+    for (int r = 0; r < (k == 7 ? 2 : k == 9 ? 1 : 5); ++r) expected.push_back(r);
+    CHECK_MESSAGE(stored[key] == expected, key);
+  }
+  // The refused rows carry an attempt and their error; the rows after them were never tried.
+  CHECK(count(db, "event_id = 'k7-2' AND status IN ('failed', 'pending') AND attempts = 1 AND last_error <> ''") == 1);
+  CHECK(count(db, "event_id = 'k9-1' AND status IN ('failed', 'pending') AND attempts = 1 AND last_error <> ''") == 1);
+  CHECK(count(db, "event_id IN ('k7-3', 'k7-4', 'k9-2', 'k9-3', 'k9-4') AND status = 'pending' AND attempts = 0") == 5);
+  CHECK(count(db, "status = 'sent'") == 190 + 2 + 1);
+}
+
 TEST_CASE("--metrics-addr :PORT: promtool accepts /metrics; /livez stays 200 and /readyz is 503 while NATS is down") {
   testing::NatsServer server;
   testing::TempDir dir;

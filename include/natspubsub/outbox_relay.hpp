@@ -12,15 +12,14 @@
 // point loses nothing: its rows stay leased until the lease ends and are then claimed again; what
 // it had already published is dropped by JetStream's deduplication (same Nats-Msg-Id).
 //
-// Order: rows are published in id order and, per partition key, the store only hands out a row
-// once every earlier row of its key is sent (see OutboxStore), so several relays keep per-key
-// order. Within one batch, if an earlier row of a key fails while a later one of the same key
-// succeeds, the later one is already in the stream: the relay does not claim further rows of the
-// key until the failed one is sent, but that one pair is out of order. A row NATS cannot carry
-// is caught before publishing (failed, its key's later rows released), but a message the server
-// refuses, a PubAck timeout (e.g. while the stream elects a leader) or a message lost with a
-// dropped socket while cnats' reconnect buffer carries a later one through can each cause it.
-// Open: issue 11 asks for a mechanism that rules it out.
+// Order: per partition key, the store only hands out a row once every earlier row of its key is
+// sent (see OutboxStore), so several relays keep per-key order. Within a batch a keyed row is
+// published only after the PubAck of the previous row of its key has come back: the batch goes
+// out in rounds (the r-th row of every key in round r, unkeyed rows in round 0), and a key whose
+// row fails (refused, no PubAck in time, lost with a dropped socket) is stopped there, its later
+// rows released unpublished. A row NATS cannot carry (blank in the subject, over max_payload,
+// bad headers) is failed before anything is sent. A round that could outlast the lease is not
+// started; its rows are released.
 #include <array>
 #include <atomic>
 #include <chrono>

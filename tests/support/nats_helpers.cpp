@@ -80,7 +80,8 @@ std::vector<StoredMessage> RawNats::read_stream(const std::string& stream) {
   return out;
 }
 
-void RawNats::add_stream(const std::string& name, const std::vector<std::string>& subjects, int replicas) {
+void RawNats::add_stream(const std::string& name, const std::vector<std::string>& subjects, int replicas,
+                         int32_t max_msg_size) {
   std::vector<const char*> subs;
   for (const auto& s : subjects) subs.push_back(s.c_str());
   jsStreamConfig cfg;
@@ -89,6 +90,7 @@ void RawNats::add_stream(const std::string& name, const std::vector<std::string>
   cfg.Subjects = subs.data();
   cfg.SubjectsLen = static_cast<int>(subs.size());
   cfg.Replicas = replicas;
+  if (max_msg_size > 0) cfg.MaxMsgSize = max_msg_size;
   jsStreamInfo* si = nullptr;
   jsErrCode jerr = static_cast<jsErrCode>(0);
   natsStatus s = js_AddStream(&si, js_, &cfg, nullptr, &jerr);

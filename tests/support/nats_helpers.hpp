@@ -50,7 +50,9 @@ class RawNats {
   /// Message count of a stream (throws if it does not exist).
   uint64_t stream_messages(const std::string& stream);
   /// Creates a stream with these subjects (file storage, R1).
-  void add_stream(const std::string& name, const std::vector<std::string>& subjects, int replicas = 1);
+  /// `max_msg_size` > 0: the stream refuses larger messages (JetStream error 10054).
+  void add_stream(const std::string& name, const std::vector<std::string>& subjects, int replicas = 1,
+                  int32_t max_msg_size = 0);
 
  private:
   natsConnection* nc_ = nullptr;
