@@ -3,6 +3,9 @@
 // outbox rows, on SQLite and on PostgreSQL. What must hold afterwards: the stream holds each
 // event_id exactly once and every row ends `sent`. (outbox_relay_test has the three-kill SQLite
 // variant at fixed points; this one picks the points at random and covers PostgreSQL too.)
+#include <algorithm>
+#include <map>
+#include <memory>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -110,6 +113,97 @@ void kill_relay_repeatedly(const std::string& database_url, const std::vector<st
   CHECK(sent == kEvents);
 }
 
+
+// 30,000 rows over 40 keys (750 a key, interleaved as producers write them) drained by `relays`
+// relay processes while nats-server is SIGKILLed and restarted on the same store three times at
+// random points. Afterwards, read from the stream: each event exactly once, and each key's
+// events in the order they were enqueued.
+constexpr int kOrderEvents = 30000;
+constexpr int kOrderKeys = 40;
+
+struct KeyedEvent {
+  int key = 0;
+  int index = 0;  // position among its key's events
+};
+
+std::map<std::string, KeyedEvent> enqueue_keyed(store::Database& db, std::vector<std::string>& ids) {
+  std::map<std::string, KeyedEvent> events;
+  db.in_transaction([&](store::Transaction& tx) {
+    for (int i = 0; i < kOrderEvents; ++i) {
+      auto e = Envelope::make("order.created", "orders", {{"i", i}});
+      const int key = i % kOrderKeys;
+      enqueue(tx, kSubject, e, "order-" + std::to_string(key));
+      ids.push_back(e.event_id);
+      events[e.event_id] = {key, i / kOrderKeys};
+    }
+  });
+  return events;
+}
+
+void restart_nats_under_relays(const std::string& database_url, const std::vector<std::string>& ids,
+                               const std::map<std::string, KeyedEvent>& events, int relays, const std::string& backend) {
+  testing::NatsServer server;
+  auto config = testing::test_config(server.url(), "orders");
+  config.stream.memory_storage = false;  // the stream outlives the restarts
+  {
+    Connection admin(config);
+    Topology(admin).ensure_events_stream();
+  }
+  testing::TempDir logs("relay-logs");
+  const std::vector<std::string> args = {"--database", database_url, "--nats", server.url(), "--env", "test",
+                                         "--app", "orders", "--ack-timeout", "1000", "--lease", "3000",
+                                         "--poll-interval", "20"};
+  auto rng = testing::fault_random(backend + " NATS restarts");
+  std::vector<uint64_t> kill_at;
+  for (int i = 0; i < 3; ++i) kill_at.push_back(1000 + rng() % 24000);
+  std::sort(kill_at.begin(), kill_at.end());
+
+  std::vector<std::unique_ptr<testing::RelayProcess>> running;
+  for (int r = 0; r < relays; ++r)
+    running.push_back(std::make_unique<testing::RelayProcess>(args, logs.path() / ("relay-" + std::to_string(r) + ".log")));
+  const auto started = std::chrono::steady_clock::now();
+  std::string progress;
+  for (auto target : kill_at) {
+    testing::RawNats watcher(server.url());
+    testing::eventually([&] { return watcher.stream_messages(kStream) >= target; }, 60s);
+    const auto stored = watcher.stream_messages(kStream);
+    server.kill();
+    progress += std::to_string(stored) + " ";
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 1000));
+    server.start();
+  }
+  MESSAGE(backend << ": stream size at each nats-server kill: " << progress);
+  for (auto& r : running) REQUIRE(r->alive());
+
+  testing::eventually([&] { return count_status(database_url, "sent") >= kOrderEvents; }, 120s);
+  const auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  running.clear();
+
+  testing::RawNats reader(server.url());
+  std::vector<std::string> seen;
+  std::vector<int> last(kOrderKeys, -1);
+  size_t out_of_order = 0;
+  for (const auto& m : reader.read_stream(kStream)) {
+    seen.push_back(m.msg_id);
+    auto it = events.find(m.msg_id);
+    if (it == events.end()) continue;
+    auto& previous = last[static_cast<size_t>(it->second.key)];
+    if (it->second.index < previous) out_of_order++;  // stored after a later event of its key
+    previous = std::max(previous, it->second.index);
+  }
+  auto t = testing::tally(ids, seen);
+  const auto sent = count_status(database_url, "sent");
+  MESSAGE(backend << ", " << relays << " relay(s): events " << kOrderEvents << ", stored " << t.seen << ", lost "
+                  << t.lost << ", duplicated " << t.duplicated << ", out of key order " << out_of_order
+                  << ", rows sent " << sent << ", " << seconds << " s");
+  if (t.lost != 0 || sent != kOrderEvents) MESSAGE(testing::detail::file_tail(logs.path() / "relay-0.log"));
+  CHECK(t.lost == 0);
+  CHECK(t.duplicated == 0);
+  CHECK(t.unexpected == 0);
+  CHECK(out_of_order == 0);
+  CHECK(sent == kOrderEvents);
+}
+
 }  // namespace
 
 TEST_CASE("SQLite: relay SIGKILLed 10 times at random points while draining 20,000 rows") {
@@ -148,4 +242,23 @@ TEST_CASE("PostgreSQL: relay SIGKILLed 10 times at random points while draining 
     tx.commit();
   }
   kill_relay_repeatedly(url, ids, "PostgreSQL");
+}
+
+TEST_CASE("SQLite: nats-server SIGKILLed and restarted 3 times under a draining relay: 30,000 rows, 40 keys, each once, in key order") {
+  testing::TempDir dir;
+  auto path = testing::sqlite_file(dir);
+  std::vector<std::string> ids;
+  store::SqliteDatabase db(path);
+  store::migrate(db);
+  auto events = enqueue_keyed(db, ids);
+  restart_nats_under_relays("sqlite://" + path, ids, events, 1, "SQLite");
+}
+
+TEST_CASE("PostgreSQL: nats-server SIGKILLed and restarted 3 times under two relays: 30,000 rows, 40 keys, each once, in key order") {
+  auto url = testing::fresh_postgres_database("fault_relay_order");
+  std::vector<std::string> ids;
+  store::PostgresDatabase db(url);
+  store::migrate(db);
+  auto events = enqueue_keyed(db, ids);
+  restart_nats_under_relays(url, ids, events, 2, "PostgreSQL");
 }
