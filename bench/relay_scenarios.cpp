@@ -11,7 +11,14 @@
 
 #include <pqxx/pqxx>
 
+#include <csignal>
+#include <map>
+#include <set>
+#include <thread>
+
 #include "bench.hpp"
+#include "support/nats_helpers.hpp"
+#include "support/process.hpp"
 #include "raw_nats.hpp"
 #include "setup.hpp"
 
@@ -205,12 +212,104 @@ std::vector<Result> run_relay_postgres_keys(Context& ctx) {
   return {r};
 }
 
+// How users scale past one relay: 1, 2 and 4 natspubsub-relay processes draining one PostgreSQL
+// outbox of 200,000 rows over 100 keys. Timed from the relays' start to the last row sent (read
+// from the table every 50 ms); afterwards the stream is read back and each key's events must be
+// there once each, in enqueue order. Library side: two relays; baseline: one relay (target:
+// two relays faster than one). The four-relay figure is in `extra`.
+std::vector<Result> run_relay_postgres_scaling(Context& ctx) {
+  const auto& s = ctx.settings();
+  auto load = load_average();
+  const int rows = s.quick ? 5000 : 2 * s.relay_rows;
+  constexpr int kKeys = 100;
+  Connection nats(bench_config(ctx.nats_url()));
+  const auto stream = ensure_bench_stream(nats);
+  RawNats raw(ctx.nats_url(), s.publish_window);
+  testing::RawNats reader(ctx.nats_url());
+  const auto subject = bench_subject("relay_scaling");
+  int run = 0;
+  std::map<int, std::vector<double>> rates;
+
+  auto drain_with = [&](int relays) {
+    raw.purge_stream(stream);
+    const auto url = ctx.postgres().create_database("relay_scaling_" + std::to_string(++run));
+    auto events = make_events(rows);
+    std::map<std::string, std::pair<int, int>> position;  // event id -> (key, index within key)
+    for (int i = 0; i < rows; ++i) position[events[static_cast<std::size_t>(i)].event_id] = {i % kKeys, i / kKeys};
+    {
+      store::PostgresDatabase db(url);
+      store::migrate(db);
+      fill_outbox(db, events, subject, kKeys);
+    }
+    store::PostgresDatabase db(url);
+    auto unsent = [&] {
+      pqxx::nontransaction q(db.connection());
+      // Cheap enough to ask every 50 ms (a count of the whole table would compete with the relays).
+      return q.exec("SELECT count(*) FROM (SELECT 1 FROM natspubsub_outbox WHERE status IN ('pending', 'publishing') "
+                    "LIMIT 1) AS any_left")[0][0].as<int64_t>();
+    };
+    std::vector<std::unique_ptr<testing::detail::ChildProcess>> children;
+    const auto log_dir = ctx.scratch_path("relay-log");
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < relays; ++r) {
+      testing::detail::SpawnOptions so;
+      so.argv = {NATSPUBSUB_RELAY_EXE, "--database", url, "--nats", ctx.nats_url(), "--env", "bench", "--app", "bench",
+                 "--poll-interval", "20", "--no-migrate", "--relay-id", "bench-" + std::to_string(r)};
+      so.log_file = log_dir + "/relay-" + std::to_string(r) + ".log";
+      children.push_back(std::make_unique<testing::detail::ChildProcess>());
+      children.back()->spawn(so);
+    }
+    const auto deadline = t0 + std::chrono::minutes(10);
+    while (unsent() > 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const double seconds = elapsed_seconds(t0);
+    for (auto& c : children) c->stop(SIGTERM, std::chrono::seconds(10));
+    if (unsent() > 0) throw std::runtime_error(std::to_string(relays) + " relays left rows unsent after 10 minutes");
+
+    std::vector<int> last(kKeys, -1);
+    std::size_t stored = 0, out_of_order = 0;
+    std::set<std::string> seen;
+    for (const auto& m : reader.read_stream(stream)) {
+      auto it = position.find(m.msg_id);
+      if (it == position.end()) continue;
+      ++stored;
+      seen.insert(m.msg_id);
+      auto& previous = last[static_cast<std::size_t>(it->second.first)];
+      if (it->second.second < previous) ++out_of_order;
+      previous = std::max(previous, it->second.second);
+    }
+    if (stored != static_cast<std::size_t>(rows) || seen.size() != static_cast<std::size_t>(rows) || out_of_order != 0)
+      throw std::runtime_error(std::to_string(relays) + " relays: stored " + std::to_string(stored) + ", distinct " +
+                               std::to_string(seen.size()) + " of " + std::to_string(rows) + ", out of key order " +
+                               std::to_string(out_of_order));
+    raw.purge_stream(stream);
+    rates[relays].push_back(rows / seconds);
+    return rows / seconds;
+  };
+  for (int rep = 0; rep < (s.quick ? 1 : s.slow_repetitions); ++rep)
+    for (int relays : {1, 2, 4}) drain_with(relays);
+
+  Result r;
+  r.scenario = "relay_postgres_scaling";
+  r.unit = "msgs/s";
+  r.description = "2 natspubsub-relay processes vs 1 draining " + std::to_string(rows) + " PostgreSQL rows over " +
+                  std::to_string(kKeys) + " keys (per-key order checked)";
+  r.library_runs = rates[2];
+  r.baseline_runs = rates[1];
+  r.target = {Target::Kind::ratio_at_least, 1.0};
+  r.load_avg = load;
+  r.extra = {{"count", rows}, {"keys", kKeys}, {"relays_1_runs", rates[1]}, {"relays_2_runs", rates[2]},
+             {"relays_4_runs", rates[4]}, {"relays_4_median", median(rates[4])}};
+  return {r};
+}
+
 }  // namespace
 
 std::vector<ScenarioGroup> relay_scenarios() {
   return {{"relay_sqlite", {"relay_sqlite"}, run_relay_sqlite},
           {"relay_postgres", {"relay_postgres"}, run_relay_postgres},
-          {"relay_postgres_keys", {"relay_postgres_keys"}, run_relay_postgres_keys}};
+          {"relay_postgres_keys", {"relay_postgres_keys"}, run_relay_postgres_keys},
+          {"relay_postgres_scaling", {"relay_postgres_scaling"}, run_relay_postgres_scaling}};
 }
 
 }  // namespace natspubsub::bench

@@ -128,7 +128,9 @@ struct OutboxRelay::Impl {
   mutable std::mutex stats_mutex;
   RelayStats stats;
   std::chrono::steady_clock::time_point last_cleanup{};
-  bool outage = false;  // the last run_once saw NATS or a stream not answering: back off
+  bool outage = false;        // the last run_once saw NATS or a stream not answering: back off
+  bool disconnected = false;  // the last run_once found the connection down and claimed nothing
+  std::int64_t up_to_id = std::numeric_limits<std::int64_t>::max();  // claims take rows up to this id
 };
 
 OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, RelayOptions options)
@@ -209,11 +211,12 @@ std::vector<std::vector<std::size_t>> rounds_of(const std::vector<OutboxRow>& ro
 std::size_t OutboxRelay::run_once() {
   auto& o = impl_->options;
   auto& store = *impl_->store;
-  if (!impl_->connection->connected()) return 0;  // nothing would be acknowledged: leave rows for later
-
   impl_->outage = false;
+  impl_->disconnected = !impl_->connection->connected();
+  if (impl_->disconnected) return 0;  // nothing would be acknowledged: leave rows for later
+
   const auto started = std::chrono::steady_clock::now();
-  auto rows = store.claim(o.relay_id, o.batch_size, o.lease);
+  auto rows = store.claim(o.relay_id, o.batch_size, o.lease, impl_->up_to_id);
   if (rows.empty()) return 0;
 
   // Rows the server could not take are failed now, before anything is sent; the later rows of
@@ -345,15 +348,24 @@ std::size_t OutboxRelay::run_once() {
   return claimed;
 }
 
-std::size_t OutboxRelay::drain(std::stop_token stop) {
+std::size_t OutboxRelay::drain(std::stop_token stop, std::int64_t up_to_id) {
   std::size_t total = 0;
-  while (!stop.stop_requested()) {
-    auto n = run_once();
-    if (n == 0 || impl_->outage) break;  // nothing left, or NATS is not answering: stop here
-    total += n;
+  impl_->up_to_id = up_to_id;
+  try {
+    while (!stop.stop_requested()) {
+      auto n = run_once();
+      total += n;
+      if (n == 0 || impl_->outage) break;  // nothing left, or NATS is not answering: stop here
+    }
+  } catch (...) {
+    impl_->up_to_id = std::numeric_limits<std::int64_t>::max();
+    throw;
   }
+  impl_->up_to_id = std::numeric_limits<std::int64_t>::max();
   return total;
 }
+
+bool OutboxRelay::nats_unavailable() const noexcept { return impl_->outage || impl_->disconnected; }
 
 std::size_t OutboxRelay::cleanup() {
   std::size_t total = 0;

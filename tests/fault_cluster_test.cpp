@@ -2,7 +2,9 @@
 // A 3-node JetStream cluster on loopback with replicated (R3) streams: the stream leader is
 // SIGKILLed while a batch is being published and an inbox consumer is applying it. Nothing may be
 // lost or applied twice, and publishing and consuming must carry on with the two nodes left.
+#include <algorithm>
 #include <atomic>
+#include <map>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -12,15 +14,19 @@
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/consumer.hpp>
+#include <natspubsub/envelope.hpp>
+#include <natspubsub/outbox.hpp>
 #include <natspubsub/inbox_handler.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
 #include <natspubsub/store/migrations.hpp>
+#include <natspubsub/store/sqlite.hpp>
 #include <natspubsub/topology.hpp>
 
 #include "support/databases.hpp"
 #include "support/fault.hpp"
 #include "support/nats_helpers.hpp"
+#include "support/process.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
@@ -180,4 +186,76 @@ TEST_CASE("3-node cluster, R3 stream: the stream leader killed during publishing
   CHECK(applied.lost == 0);
   CHECK(applied.duplicated == 0);
   CHECK(applied.unexpected == 0);
+}
+
+TEST_CASE("3-node cluster, R3 stream: the stream leader killed while a relay drains 30,000 rows over 40 keys") {
+  testing::NatsCluster cluster(3);
+  cluster.wait_until_ready();
+  testing::TempDir dir;
+  const auto path = testing::sqlite_file(dir);
+  constexpr int kEvents = 30000;
+  constexpr int kKeys = 40;
+  std::map<std::string, std::pair<int, int>> position;  // event id -> (key, index within its key)
+  std::vector<std::string> ids;
+  {
+    store::SqliteDatabase db(path);
+    store::migrate(db);
+    auto tx = db.begin();
+    for (int i = 0; i < kEvents; ++i) {
+      auto e = Envelope::make("order.created", "orders", {{"i", i}});
+      enqueue(tx, "test.orders.order.created", e, "order-" + std::to_string(i % kKeys));
+      ids.push_back(e.event_id);
+      position[e.event_id] = {i % kKeys, i / kKeys};
+    }
+    tx.commit();
+  }
+  {
+    Connection admin(cluster_config(cluster, "orders"));
+    Topology(admin).ensure_events_stream();  // R3, file storage; the relay finds it and keeps it
+  }
+  auto leader = stream_leader(cluster.url(), kStream);
+  REQUIRE_FALSE(leader.empty());
+  int leader_index = -1;
+  for (int i = 0; i < cluster.size(); ++i)
+    if (cluster.node(i).server_name() == leader) leader_index = i;
+  REQUIRE(leader_index >= 0);
+
+  testing::TempDir logs("relay-logs");
+  testing::RelayProcess relay({"--database", "sqlite://" + path, "--nats", cluster.url(), "--env", "test", "--app",
+                               "orders", "--ack-timeout", "2000", "--lease", "10000", "--poll-interval", "20"},
+                              logs.path() / "relay.log");
+  auto rng = testing::fault_random("relay under a leader kill");
+  const uint64_t kill_at = 2000 + rng() % 20000;
+  testing::RawNats watcher(cluster.url());
+  REQUIRE(testing::eventually([&] { return watcher.stream_messages(kStream) >= kill_at; }, 60s));
+  const auto stored_at_kill = watcher.stream_messages(kStream);
+  cluster.node(leader_index).kill();
+  auto sent = [&] {
+    store::SqliteDatabase db(path);
+    return testing::query(db, "SELECT COUNT(*) FROM natspubsub_outbox WHERE status = 'sent'")[0].as_int(0);
+  };
+  const bool drained = testing::eventually([&] { return sent() >= kEvents; }, 120s);
+  CHECK(relay.alive());
+  relay.kill_now();
+
+  std::vector<std::string> seen;
+  std::vector<int> last(kKeys, -1);
+  std::size_t out_of_order = 0;
+  for (const auto& m : testing::RawNats(cluster.url()).read_stream(kStream)) {
+    seen.push_back(m.msg_id);
+    auto it = position.find(m.msg_id);
+    if (it == position.end()) continue;
+    auto& previous = last[static_cast<std::size_t>(it->second.first)];
+    if (it->second.second < previous) ++out_of_order;
+    previous = std::max(previous, it->second.second);
+  }
+  auto t = testing::tally(ids, seen);
+  MESSAGE("stream leader " << leader << " killed at " << stored_at_kill << " stored; stored " << t.seen << ", lost "
+                           << t.lost << ", duplicated " << t.duplicated << ", out of key order " << out_of_order);
+  if (!drained || t.lost != 0) MESSAGE(testing::detail::file_tail(logs.path() / "relay.log"));
+  CHECK(drained);
+  CHECK(stored_at_kill < static_cast<uint64_t>(kEvents));  // the kill was mid-drain
+  CHECK(t.lost == 0);
+  CHECK(t.duplicated == 0);
+  CHECK(out_of_order == 0);
 }

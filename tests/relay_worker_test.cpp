@@ -9,11 +9,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <random>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <regex>
 #include <thread>
 
@@ -27,6 +29,7 @@
 #include <natspubsub/store/sqlite.hpp>
 
 #include "support/nats_helpers.hpp"
+#include "support/process.hpp"
 #include "support/servers.hpp"
 
 using namespace natspubsub;
@@ -143,6 +146,102 @@ TEST_CASE("--once on an empty database migrates and exits 0; rows inserted by ha
   bool header_kept = false;
   for (const auto& [k, v] : stored[2].headers) header_kept = header_kept || (k == "x-source" && v == "sql");
   CHECK(header_kept);
+}
+
+TEST_CASE("--once relays what was there at start and exits while a producer keeps inserting faster than it relays") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto path = (dir.path() / "outbox.db").string();
+  {
+    store::SqliteDatabase db(path);
+    store::migrate(db);
+    auto tx = db.begin();
+    for (int i = 0; i < 2000; ++i)
+      enqueue(tx, OutboxMessage{"before-" + std::to_string(i), "test.orders.order.created", "{}", nlohmann::json::object(), std::nullopt});
+    tx.commit();
+  }
+  // The producer: 1,000 rows every 100 ms (10,000 a second), until the relay exits or 60 s pass.
+  std::atomic<bool> done{false};
+  std::atomic<int> produced{0};
+  std::jthread producer([&] {
+    store::SqliteDatabase db(path);
+    const auto until = std::chrono::steady_clock::now() + 60s;
+    while (!done && std::chrono::steady_clock::now() < until) {
+      auto tx = db.begin();
+      for (int i = 0; i < 1000; ++i)
+        enqueue(tx, OutboxMessage{"after-" + std::to_string(produced++), "test.orders.order.created", "{}", nlohmann::json::object(),
+                                  std::nullopt});
+      tx.commit();
+      std::this_thread::sleep_for(100ms);
+    }
+  });
+  std::this_thread::sleep_for(300ms);  // the producer is running before the relay starts
+  // Small batches keep this relay below the producer's rate, so "until nothing is claimable" never comes.
+  auto run = testing::run_command(kRelay + " --database sqlite://" + path + " --nats " + server.url() +
+                                      " --env test --app orders --batch-size 20 --once 2>&1",
+                                  std::chrono::seconds(60));
+  done = true;
+  producer.join();
+  INFO(run.output.substr(0, 3000));
+  CHECK(run.status == 0);
+  CHECK(count(path, "event_id LIKE 'before-%' AND status = 'sent'") == 2000);
+  CHECK(run.output.find("left in the outbox:") != std::string::npos);
+  MESSAGE("the producer wrote " << produced.load() << " rows while --once ran");
+}
+
+TEST_CASE("--once while NATS answers nothing: waits --nats-wait, exits 5, rows pending without an attempt; the next run sends them once") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto path = (dir.path() / "outbox.db").string();
+  {
+    store::SqliteDatabase db(path);
+    store::migrate(db);
+    auto tx = db.begin();
+    for (int i = 0; i < 20000; ++i)
+      enqueue(tx, OutboxMessage{"e-" + std::to_string(i), "test.orders.order.created", "{}", nlohmann::json::object(),
+                                "k" + std::to_string(i % 10)});
+    tx.commit();
+  }
+  const auto base = kRelay + " --database sqlite://" + path + " --nats " + server.url() +
+                    " --env test --app orders --ack-timeout 500 --nats-wait 3 --once";
+  testing::TempDir logs("relay-log");
+  const auto log = (logs.path() / "relay.log").string();
+  pid_t relay = spawn({"--database", "sqlite://" + path, "--nats", server.url(), "--env", "test", "--app", "orders",
+                       "--ack-timeout", "500", "--nats-wait", "3", "--once"},
+                      log);
+  testing::RawNats raw(server.url());
+  REQUIRE(eventually(
+      [&] {
+        try {
+          return raw.stream_messages("test-orders-events") >= 200;
+        } catch (const std::exception&) {
+          return false;  // the relay has not made the stream yet
+        }
+      },
+      30s));
+  ::kill(server.pid(), SIGSTOP);  // the server keeps the socket but answers nothing
+  const auto frozen = std::chrono::steady_clock::now();
+  const int code = wait_exit(relay, 40s);
+  const auto waited = std::chrono::steady_clock::now() - frozen;
+  ::kill(server.pid(), SIGCONT);
+  const auto output = testing::detail::file_tail(log);
+  INFO(output);
+  CHECK(code == 5);
+  CHECK(waited >= 3s);
+  CHECK(output.find("NATS was unavailable for 3 s") != std::string::npos);
+  CHECK(output.find("left in the outbox:") != std::string::npos);
+  CHECK(count(path, "status = 'publishing'") == 0);      // nothing left claimed
+  CHECK(count(path, "status <> 'sent' AND attempts > 0") == 0);  // the outage counted no attempt
+  CHECK(count(path, "status = 'pending'") > 0);
+
+  auto again = testing::run_command(base + " 2>&1", std::chrono::seconds(60));
+  INFO(again.output.substr(0, 2000));
+  CHECK(again.status == 0);
+  CHECK(count(path, "status = 'sent'") == 20000);
+  std::map<std::string, int> copies;
+  for (const auto& m : raw.read_stream("test-orders-events")) copies[m.msg_id]++;
+  CHECK(copies.size() == 20000);
+  CHECK(std::all_of(copies.begin(), copies.end(), [](const auto& c) { return c.second == 1; }));
 }
 
 TEST_CASE("--topology natspubsub: the relay joins NatsPubsub's stream made by another app") {

@@ -81,6 +81,54 @@ void log_progress(std::stop_token stop, std::chrono::seconds interval, const Out
   }
 }
 
+
+// --once: relays the rows that were in the outbox at start (ids up to the largest one then), so
+// it ends while producers keep inserting. While NATS is disconnected or a stream does not answer
+// (rows released without an attempt) it waits and tries again, for at most `nats_wait` without
+// progress. Logs what was done, what remains and when the next pending row is due. Returns
+// false when it gave up waiting for NATS.
+bool drain_once(OutboxRelay& relay, const std::function<OutboxStats()>& outbox_stats, std::stop_token stop,
+                std::chrono::seconds nats_wait) {
+  const auto up_to_id = outbox_stats().max_id;
+  std::size_t handled = 0;
+  auto waiting_since = std::chrono::steady_clock::now();
+  uint64_t published = 0;
+  bool gave_up = false;
+  std::mutex m;
+  std::condition_variable_any cv;
+  while (!stop.stop_requested()) {
+    handled += relay.drain(stop, up_to_id);
+    if (!relay.nats_unavailable()) break;
+    const auto now = std::chrono::steady_clock::now();
+    if (const auto p = relay.stats().published; p != published) {
+      published = p;
+      waiting_since = now;
+    }
+    if (now - waiting_since >= nats_wait) {
+      gave_up = true;
+      break;
+    }
+    std::unique_lock lock(m);
+    cv.wait_for(lock, stop, std::chrono::milliseconds(250), [] { return false; });
+  }
+  const auto s = relay.stats();
+  const auto left = outbox_stats();
+  std::string next = "none pending";
+  if (left.next_due_in) {
+    next = left.next_due_in->count() == 0 ? "next due now"
+                                          : fmt::format("next due in {:.1f} s", left.next_due_in->count() / 1000.0);
+  }
+  spdlog::info("relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed; left in the outbox: {} "
+               "pending ({}), {} publishing, {} failed",
+               handled, s.published, s.duplicates, s.retried, s.failed, left.pending, next, left.publishing,
+               left.failed);
+  if (gave_up)
+    spdlog::error("NATS was unavailable for {} s (disconnected or no stream answering): {} row(s) still pending, "
+                  "exiting with code 5",
+                  nats_wait.count(), left.pending + left.publishing);
+  return !gave_up;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -127,7 +175,15 @@ int main(int argc, char** argv) {
       ->envname("NATSPUBSUB_RELAY_ID");
   cli.add_flag("--delete-sent", delete_sent, "delete rows once published instead of marking them sent")
       ->envname("NATSPUBSUB_RELAY_DELETE_SENT");
-  cli.add_flag("--once", once, "publish what is pending now, then exit 0");
+  cli.add_flag("--once", once,
+               "publish the rows in the outbox at start, then exit 0 (exit 5 if NATS stays unavailable for "
+               "--nats-wait seconds)");
+  int64_t nats_wait_s = 30;
+  cli.add_option("--nats-wait", nats_wait_s,
+                 "with --once: seconds to wait for NATS (disconnected or a stream not answering) before giving up")
+      ->envname("NATSPUBSUB_RELAY_NATS_WAIT_S")
+      ->check(CLI::Range(0, 86400))
+      ->capture_default_str();
   cli.add_flag("--no-migrate", no_migrate, "do not apply pending migrations at start")->envname("NATSPUBSUB_NO_MIGRATE");
   cli.add_option("--log-format", log_format, "text or json")
       ->envname("NATSPUBSUB_LOG_FORMAT")
@@ -279,10 +335,7 @@ int main(int argc, char** argv) {
 
     signals.set_running();
     if (once) {
-      auto n = relay.drain(signals.token());
-      auto s = relay.stats();
-      spdlog::info("relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed", n, s.published,
-                   s.duplicates, s.retried, s.failed);
+      if (!drain_once(relay, outbox_stats, signals.token(), std::chrono::seconds(nats_wait_s))) return kExitNats;
     } else {
       relay.run(signals.token());
     }

@@ -11,6 +11,7 @@
 //   tx.commit();
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -117,6 +118,9 @@ struct OutboxStats {
   std::int64_t failed = 0;
   /// Age of the oldest unsent (pending or publishing) row; nullopt when there is none.
   std::optional<std::chrono::milliseconds> oldest_unsent_age;
+  /// Time until the earliest pending row is due (0: one is due now); nullopt when none is pending.
+  std::optional<std::chrono::milliseconds> next_due_in;
+  std::int64_t max_id = 0;  ///< the largest row id in the table (0: empty)
 };
 
 /// The relay's and the operator's view of natspubsub_outbox, for SQLite and PostgreSQL. Every
@@ -158,8 +162,13 @@ class OutboxStore {
 
   /// Leases up to `batch_size` claimable rows: pending with next_attempt_at <= now, or
   /// publishing with an expired lease (their relay died), subject to the per-key rule above.
+  /// Only rows with id <= `up_to_id` are taken (a drain of what was there when it started).
   [[nodiscard]] virtual std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size,
-                                                     std::chrono::milliseconds lease) = 0;
+                                                     std::chrono::milliseconds lease, std::int64_t up_to_id) = 0;
+  [[nodiscard]] std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size,
+                                             std::chrono::milliseconds lease) {
+    return claim(relay_id, batch_size, lease, std::numeric_limits<std::int64_t>::max());
+  }
   /// Extends the lease of held rows (a slow publish); returns how many were still held.
   virtual std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
                                   std::chrono::milliseconds lease) = 0;

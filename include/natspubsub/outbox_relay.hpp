@@ -24,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stop_token>
@@ -87,8 +88,13 @@ class OutboxRelay {
   /// One cycle: claim, publish, mark. Returns the rows claimed (0: nothing claimable now).
   /// Throws database and NATS errors; run() catches them.
   std::size_t run_once();
-  /// Cycles until a claim comes back empty (or stop is requested). Returns rows handled.
-  std::size_t drain(std::stop_token stop = {});
+  /// Cycles until a claim comes back empty, NATS is unavailable (see nats_unavailable()) or stop
+  /// is requested. Only rows with id <= `up_to_id` are claimed, so a drain of what was in the
+  /// outbox when it started ends while producers keep inserting. Returns rows handled.
+  std::size_t drain(std::stop_token stop = {}, std::int64_t up_to_id = std::numeric_limits<std::int64_t>::max());
+  /// True when the last cycle found NATS disconnected or a stream not answering (its rows were
+  /// released without an attempt): a drain that ended this way did not finish.
+  [[nodiscard]] bool nats_unavailable() const noexcept;
   /// Cycles until `stop`; waits poll_interval when idle, backs off after errors (logged, never
   /// thrown), runs cleanup every cleanup_interval. Finishes the batch in flight before returning.
   void run(std::stop_token stop);

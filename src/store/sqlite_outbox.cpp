@@ -15,7 +15,7 @@ constexpr std::string_view kColumns =
     "id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at, "
     "created_at";
 
-// $1 relay, $2 batch size, $3 now (ms), $4 lease end (ms). The per-key rule is documented on
+// $1 relay, $2 batch size, $3 now (ms), $4 lease end (ms), $5 largest id to take. The per-key rule is documented on
 // OutboxStore: a keyed row is claimable only when every earlier unsent row of its key is
 // claimable too (and so, by ORDER BY id, in the same batch). `status IN (...)` is repeated so
 // SQLite can use the partial claim index.
@@ -24,7 +24,7 @@ UPDATE natspubsub_outbox
 SET status = 'publishing', locked_by = $1, locked_until = $4
 WHERE id IN (
   SELECT o.id FROM natspubsub_outbox AS o
-  WHERE o.status IN ('pending', 'publishing')
+  WHERE o.status IN ('pending', 'publishing') AND o.id <= $5
     AND ((o.status = 'pending' AND o.next_attempt_at <= $3)
          OR (o.status = 'publishing' AND COALESCE(o.locked_until, 0) < $3))
     AND (o.partition_key IS NULL OR NOT EXISTS (
@@ -43,12 +43,13 @@ class SqliteOutboxStore final : public OutboxStore {
  public:
   explicit SqliteOutboxStore(store::SqliteDatabase& db) : db_(db) {}
 
-  std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size,
-                               std::chrono::milliseconds lease) override {
+  std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size, std::chrono::milliseconds lease,
+                               std::int64_t up_to_id) override {
     if (batch_size == 0) return {};
     auto now = unix_ms_now();
     auto txn = db_.begin();
-    auto rows = txn.query(kClaim, {relay_id, static_cast<std::int64_t>(batch_size), now, now + lease.count()});
+    auto rows =
+        txn.query(kClaim, {relay_id, static_cast<std::int64_t>(batch_size), now, now + lease.count(), up_to_id});
     txn.commit();
     return to_sorted_rows(rows);
   }
@@ -130,7 +131,8 @@ RETURNING id, status)sql",
     auto rows = txn.query(
         "SELECT COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'publishing'), 0),"
         " COALESCE(SUM(status = 'sent'), 0), COALESCE(SUM(status = 'failed'), 0),"
-        " MIN(CASE WHEN status IN ('pending', 'publishing') THEN created_at END)"
+        " MIN(CASE WHEN status IN ('pending', 'publishing') THEN created_at END),"
+        " MIN(CASE WHEN status = 'pending' THEN next_attempt_at END), COALESCE(MAX(id), 0)"
         " FROM natspubsub_outbox");
     txn.commit();
     OutboxStats stats;
@@ -142,6 +144,10 @@ RETURNING id, status)sql",
     if (!row.is_null(4)) {
       stats.oldest_unsent_age = std::chrono::milliseconds(std::max<std::int64_t>(0, unix_ms_now() - row.as_int(4)));
     }
+    if (!row.is_null(5)) {
+      stats.next_due_in = std::chrono::milliseconds(std::max<std::int64_t>(0, row.as_int(5) - unix_ms_now()));
+    }
+    stats.max_id = row.as_int(6);
     return stats;
   }
 
