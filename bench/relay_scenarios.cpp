@@ -12,6 +12,7 @@
 #include <pqxx/pqxx>
 
 #include <csignal>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <thread>
@@ -263,6 +264,8 @@ std::vector<Result> run_relay_postgres_scaling(Context& ctx) {
     while (unsent() > 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     const double seconds = elapsed_seconds(t0);
+    std::fprintf(stderr, "natspubsub-bench: relay_postgres_scaling: %d relay(s) done in %.1f s, reading the stream back\n",
+                 relays, seconds);
     for (auto& c : children) c->stop(SIGTERM, std::chrono::seconds(10));
     if (unsent() > 0) throw std::runtime_error(std::to_string(relays) + " relays left rows unsent after 10 minutes");
 
@@ -283,6 +286,8 @@ std::vector<Result> run_relay_postgres_scaling(Context& ctx) {
                                std::to_string(seen.size()) + " of " + std::to_string(rows) + ", out of key order " +
                                std::to_string(out_of_order));
     raw.purge_stream(stream);
+    std::fprintf(stderr, "natspubsub-bench: relay_postgres_scaling: %d relay(s) drained %d rows in %.1f s (%.0f msgs/s)\n",
+                 relays, rows, seconds, rows / seconds);
     rates[relays].push_back(rows / seconds);
     return rows / seconds;
   };
