@@ -141,8 +141,9 @@ OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, Rela
   if (options.publish_window < 1) throw ConfigError("relay.publish_window", "must be >= 1");
   if (options.ack_timeout.count() <= 0) throw ConfigError("relay.ack_timeout", "must be greater than 0 ms");
   // With `publish_window` messages in flight, each waiting up to ack_timeout for its PubAck, a
-  // batch takes at most ceil(batch_size / publish_window) x ack_timeout. A lease that can end
-  // before that lets another relay claim rows that are still being published.
+  // round of a batch takes at most ceil(batch_size / publish_window) x ack_timeout (all of the
+  // batch when no row has a key). A lease that can end before that lets another relay claim rows
+  // that are still being published. Later rounds are started only while they fit (run_once).
   const auto rounds = (options.batch_size + static_cast<std::size_t>(options.publish_window) - 1) /
                       static_cast<std::size_t>(options.publish_window);
   const auto longest = options.ack_timeout * static_cast<int64_t>(rounds);
@@ -255,6 +256,7 @@ std::size_t OutboxRelay::run_once() {
   bo.window = o.publish_window;
   bo.ack_timeout = o.ack_timeout;
   bool stop_all = false;  // an outage, or the lease running short: nothing more is published
+  int published_rounds = 0;
   for (const auto& round : rounds_of(rows)) {
     std::vector<std::size_t> go;
     go.reserve(round.size());
@@ -265,10 +267,12 @@ std::size_t OutboxRelay::run_once() {
         go.push_back(i);
     }
     if (go.empty()) continue;
-    // A round takes at most ceil(n / window) x ack_timeout; one that could end after the lease
-    // is not started (another relay could then claim its rows while they are in flight).
+    // A round takes at most ceil(n / window) x ack_timeout; a later round that could end after
+    // the lease is not started (another relay could then claim its rows while they are in
+    // flight). The first round always goes: the constructor made sure the lease covers it, and
+    // skipping it after a slow claim would release the batch and claim it again, for ever.
     const auto round_max = o.ack_timeout * static_cast<int64_t>((go.size() + bo.window - 1) / bo.window);
-    if (std::chrono::steady_clock::now() - started + round_max >= o.lease) {
+    if (published_rounds > 0 && std::chrono::steady_clock::now() - started + round_max >= o.lease) {
       for (auto i : go) out.held_back.push_back(rows[i].id);
       stop_all = true;
       continue;
@@ -277,6 +281,7 @@ std::size_t OutboxRelay::run_once() {
     messages.reserve(go.size());
     for (auto i : go) messages.push_back(to_message(rows[i]));
     const auto results = impl_->publisher->publish_raw_batch(messages, bo);
+    ++published_rounds;
     for (std::size_t k = 0; k < go.size(); ++k) {
       const auto& row = rows[go[k]];
       const auto& r = results[k];

@@ -370,3 +370,39 @@ TEST_CASE("SQLite: NATS frozen under a draining relay (SIGSTOP): rows released w
   CHECK(c.missing == 0);
   CHECK(c.out_of_order == 0);
 }
+
+TEST_CASE("SQLite: a round of a batch that could end after the lease is not started; its rows are released") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  store::SqliteDatabase db(testing::sqlite_file(dir));
+  store::migrate(db);
+  auto ids = enqueue_sqlite(db, 3, /*keys=*/1);  // one key: three rounds of one row
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+  auto o = fast_options();
+  o.batch_size = 3;
+  o.ack_timeout = 1000ms;
+  o.lease = 1100ms;  // covers one round (1 s) with 100 ms to spare
+  OutboxRelay relay(nats, db, o);
+
+  // The server answers the first round 400 ms late (frozen, then thawed): the second round,
+  // which could take another second, would end after the lease.
+  ::kill(server.pid(), SIGSTOP);
+  std::jthread thaw([&] {
+    std::this_thread::sleep_for(400ms);
+    ::kill(server.pid(), SIGCONT);
+  });
+  CHECK(relay.run_once() == 3);
+  thaw.join();
+  CHECK(count_status(db, "sent") == 1);
+  CHECK(count_status(db, "pending") == 2);
+  CHECK(relay.stats().released == 2);
+  auto stored = testing::RawNats(server.url()).read_stream(kStream);
+  REQUIRE(stored.size() == 1);
+  CHECK(stored[0].msg_id == ids[0]);
+
+  // Nothing was counted against the two rows: the next batch sends them, in order.
+  CHECK(relay.drain() == 2);
+  CHECK(check_stream(server.url(), ids, 1).out_of_order == 0);
+  CHECK(count_status(db, "sent") == 3);
+}
