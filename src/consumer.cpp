@@ -21,6 +21,7 @@
 #include <natspubsub/subject.hpp>
 #include <natspubsub/topology.hpp>
 
+#include "delivery.hpp"
 #include "nats_util.hpp"
 
 namespace natspubsub {
@@ -42,17 +43,9 @@ constexpr Millis kFlushTimeout{2000};
 
 int64_t to_nanos(Millis m) { return m.count() * 1000000; }
 
-// One fetched message from fetch to verdict. The natsMsg is used from a worker (ack, NAK,
-// TERM) and from the ticker (+WPI); cnats does not lock a message, so `mutex` does.
-struct Delivery {
-  detail::MsgPtr msg;  // released once settled: nothing may be sent for it after a verdict
-  std::mutex mutex;
-  bool settled = false;
-  bool abandoned = false;  // stop deadline passed: handed back; the handler's result is ignored
-  Clock::time_point fetched_at;
-  Clock::time_point last_progress;  // written by the ticker only
-};
-using DeliveryPtr = std::shared_ptr<Delivery>;
+using detail::Delivery;
+using detail::DeliveryPtr;
+using detail::DeliveryState;
 
 struct Counters {
   // acked and ack_failures are counted by the subscription's AckTracker.
@@ -328,50 +321,15 @@ struct Consumer::Impl {
 
   // ---- settling a message ------------------------------------------------------------------
 
-  // Sends one verdict for `d` unless one was sent already; false when nothing was sent.
-  template <typename Send>
-  bool settle(Delivery& d, Send&& send) {
-    std::lock_guard lock(d.mutex);
-    if (d.settled || !d.msg) return false;
-    send(d.msg.get());
-    d.settled = true;
-    d.msg.reset();
-    return true;
-  }
-
   // Sends "+ACK" with a reply subject and returns at once; "acked" in the stats counts when the
   // server's answer arrives (AckTracker).
   void ack(Subscription& s, Delivery& d, const Message& m) {
-    std::string reply_to;
-    natsStatus status = NATS_OK;
-    settle(d, [&](natsMsg* msg) {
-      const char* ack_subject = natsMsg_GetReply(msg);
-      reply_to = s.acks->add(m.envelope.event_id, m.metadata.stream_sequence);
-      status = ack_subject == nullptr ? NATS_INVALID_SUBJECT
-                                      : natsConnection_PublishRequestString(connection->native(), ack_subject,
-                                                                            reply_to.c_str(), "+ACK");
-    });
-    if (!reply_to.empty() && status != NATS_OK)
-      s.acks->settle(reply_to.c_str(), false, detail::last_error_text(status).c_str());
+    const auto sent = d.ack(connection->native(),
+                            [&] { return s.acks->add(m.envelope.event_id, m.metadata.stream_sequence); });
+    if (!sent.reply_to.empty() && sent.status != NATS_OK)
+      s.acks->settle(sent.reply_to.c_str(), false, detail::last_error_text(sent.status).c_str());
   }
 
-  bool nak(Delivery& d, Millis delay) {
-    natsStatus status = NATS_OK;
-    const bool sent = settle(d, [&](natsMsg* msg) {
-      status = delay.count() > 0 ? natsMsg_NakWithDelay(msg, delay.count(), nullptr) : natsMsg_Nak(msg, nullptr);
-    });
-    if (sent && status != NATS_OK)
-      logger()->warn("NAK not sent ({}); the message returns after ack_wait", detail::last_error_text(status));
-    return sent;
-  }
-
-  void term(Delivery& d) {
-    natsStatus status = NATS_OK;
-    const bool sent = settle(d, [&](natsMsg* msg) { status = natsMsg_Term(msg, nullptr); });
-    if (sent && status != NATS_OK)
-      logger()->warn("TERM not sent ({}); the message may come once more (its dead letter is deduplicated)",
-                     detail::last_error_text(status));
-  }
 
   // DLQ publish, PubAck, then TERM; true when the DLQ took it. If the DLQ does not take it, NAK
   // with the backoff delay and remember the decision (pending_letters): the message stays with the
@@ -405,7 +363,7 @@ struct Consumer::Impl {
     }
     try {
       auto stored = dlq->publish(letter);
-      term(d);
+      d.term();
       forget_pending_letter(s, m.metadata.stream_sequence);
       s.counters.dead_lettered++;
       logger()->error("{}: event {} (seq {}, delivery {}) dead-lettered as {} to {}{}: {}{}{}", s.durable, c.event_id,
@@ -427,7 +385,7 @@ struct Consumer::Impl {
                             .second;
       }
       const auto delay = s.backoff->delay(std::max<uint64_t>(1, m.metadata.deliveries));
-      nak(d, delay);
+      d.nak(delay);
       // An outage refuses every redelivery: the first refusal of a message is the error, the
       // rest would flood the log.
       logger()->log(first_refusal ? spdlog::level::err : spdlog::level::debug,
@@ -484,11 +442,8 @@ struct Consumer::Impl {
 
   void process(Subscription& s, Delivery& d) {
     Message m;
-    {
-      // The natsMsg is only read here; no verdict can have been sent before the handler ran.
-      std::lock_guard lock(d.mutex);
-      if (d.settled || !d.msg) return;
-      natsMsg* msg = d.msg.get();
+    // The natsMsg is only read here; no verdict can have been sent before the handler ran.
+    const bool started_here = d.begin([&](natsMsg* msg) {
       m.subject = natsMsg_GetSubject(msg);
       m.body = body_of(msg);
       m.headers = read_headers(msg);
@@ -503,7 +458,8 @@ struct Consumer::Impl {
         m.metadata.timestamp = SystemTime{std::chrono::milliseconds{meta->Timestamp / 1000000}};
         jsMsgMetaData_Destroy(meta);
       }
-    }
+    });
+    if (!started_here) return;
     if (!s.replay_of.empty()) {
       // The handler and the inbox see the failed durable and the original subject; the metadata
       // stays the replay's own delivery (stream, sequence, delivery count).
@@ -517,7 +473,7 @@ struct Consumer::Impl {
     if (m.metadata.deliveries == 0) {
       // Without the delivery count there is no safe retry decision; let the server redeliver.
       logger()->error("{}: message on {} has no JetStream metadata; NAKed", s.durable, m.subject);
-      nak(d, s.backoff->delay(1));
+      d.nak(s.backoff->delay(1));
       return;
     }
 
@@ -576,13 +532,10 @@ struct Consumer::Impl {
     }
     s.latency.record(std::chrono::duration_cast<Micros>(Clock::now() - start));
 
-    {
-      std::lock_guard lock(d.mutex);
-      if (d.abandoned) {
-        logger()->warn("{}: handler for event {} finished after the stop deadline; its message was already handed back",
-                       s.durable, m.envelope.event_id);
-        return;
-      }
+    if (d.state() == DeliveryState::abandoned) {
+      logger()->warn("{}: handler for event {} finished after the stop deadline; its message was already handed back",
+                     s.durable, m.envelope.event_id);
+      return;
     }
 
     if (!failure) {
@@ -627,7 +580,7 @@ struct Consumer::Impl {
       return;
     }
     const auto delay = s.backoff->delay(std::max<uint64_t>(1, attempt));
-    if (nak(d, delay)) s.counters.retried++;
+    if (d.nak(delay)) s.counters.retried++;
     logger()->warn("{}: event {} (seq {}) attempt {}/{} failed ({}: {}); retry in {} ms", s.durable,
                    m.envelope.event_id, m.metadata.stream_sequence, attempt, s.max_attempts,
                    failure->error_class, failure->message, delay.count());
@@ -650,7 +603,7 @@ struct Consumer::Impl {
   void defer(Subscription& s, Delivery& d, const Message& m, const char* why) {
     auto delay = s.breaker->retry_after();
     if (delay.count() <= 0) delay = s.breaker->options().open_duration;
-    if (!nak(d, delay)) return;
+    if (!d.nak(delay)) return;
     s.deferred++;
     {
       std::lock_guard lock(s.deferrals_mutex);
@@ -702,7 +655,7 @@ struct Consumer::Impl {
       } catch (...) {
         // process() guards the handler; this is the last line against a bug of ours.
         logger()->error("{}: unexpected {} while processing a message; NAKed", s.durable, current_exception_class());
-        nak(*d, s.backoff->delay(1));
+        d->nak(s.backoff->delay(1));
       }
       bool wake = false;
       {
@@ -722,11 +675,8 @@ struct Consumer::Impl {
       std::lock_guard lock(s.mutex);
       for (int i = 0; i < list.Count; ++i) {
         if (list.Msgs[i] == nullptr) continue;
-        auto d = std::make_shared<Delivery>();
-        d->msg.reset(list.Msgs[i]);
+        auto d = std::make_shared<Delivery>(detail::MsgPtr(list.Msgs[i]), now);
         list.Msgs[i] = nullptr;  // ours now; natsMsgList_Destroy skips it
-        d->fetched_at = now;
-        d->last_progress = now;
         s.queue.push_back(d);
         s.outstanding.insert(std::move(d));
         s.counters.received++;
@@ -810,15 +760,7 @@ struct Consumer::Impl {
           std::lock_guard lock(s.mutex);
           current.assign(s.outstanding.begin(), s.outstanding.end());
         }
-        for (auto& d : current) {
-          if (now - d->last_progress < s.in_progress_interval) continue;
-          if (now - d->fetched_at >= s.max_in_progress) continue;  // let a hung handler's message go
-          // A worker holding the lock is settling it right now: no signal needed.
-          std::unique_lock lock(d->mutex, std::try_to_lock);
-          if (!lock || d->settled || !d->msg) continue;
-          natsMsg_InProgress(d->msg.get(), nullptr);
-          d->last_progress = now;
-        }
+        for (auto& d : current) d->signal_in_progress(now, s.in_progress_interval, s.max_in_progress);
       }
     }
   }
@@ -1188,7 +1130,7 @@ struct Consumer::Impl {
         running_at_stop += static_cast<uint64_t>(s->running);
       }
       for (auto& d : unstarted) {
-        if (nak(*d, Millis{0})) {
+        if (d->nak(Millis{0})) {
           s->counters.nacked_on_stop++;
           report.nacked_unstarted++;
         }
@@ -1211,13 +1153,7 @@ struct Consumer::Impl {
         stuck.assign(s->outstanding.begin(), s->outstanding.end());
       }
       for (auto& d : stuck) {
-        std::lock_guard dl(d->mutex);
-        if (d->settled || !d->msg) continue;
-        natsMsg_Nak(d->msg.get(), nullptr);
-        d->settled = true;
-        d->abandoned = true;
-        d->msg.reset();
-        report.abandoned++;
+        if (d->abandon()) report.abandoned++;
       }
     }
     if (report.abandoned > 0) {
