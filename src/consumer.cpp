@@ -21,6 +21,8 @@
 #include <natspubsub/subject.hpp>
 #include <natspubsub/topology.hpp>
 
+#include "ack_pipeline.hpp"
+#include "dead_letter_path.hpp"
 #include "delivery.hpp"
 #include "nats_util.hpp"
 
@@ -38,7 +40,6 @@ constexpr Millis kIdleWait{100};
 // After a failed fetch (connection down, consumer deleted) before trying again.
 constexpr Millis kFetchErrorPause{500};
 constexpr Millis kAdvisoryPoll{200};
-constexpr int kAdvisoryPublishTries = 5;
 constexpr Millis kFlushTimeout{2000};
 
 int64_t to_nanos(Millis m) { return m.count() * 1000000; }
@@ -48,112 +49,11 @@ using detail::DeliveryPtr;
 using detail::DeliveryState;
 
 struct Counters {
-  // acked and ack_failures are counted by the subscription's AckTracker.
-  std::atomic<uint64_t> received{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0}, max_deliveries{0},
-      handler_errors{0}, nacked_on_stop{0}, dlq_failures{0};
+  // acked and ack_failures are counted by the subscription's AckPipeline, dead_lettered and
+  // dlq_failures by its DeadLetterPath.
+  std::atomic<uint64_t> received{0}, retried{0}, discarded{0}, malformed{0}, max_deliveries{0}, handler_errors{0},
+      nacked_on_stop{0};
 };
-
-// Acks are pipelined: each "+ACK" goes out with a reply subject under one wildcard inbox and the
-// worker moves on; the server's answer, arriving on cnats' delivery thread, counts the message as
-// acked. An answer that does not come within the JetStream timeout counts as an ack failure (the
-// message will be delivered again). One request-reply round trip per message used to hold a
-// worker for the whole round trip; this keeps the same meaning of "acked" (the server confirmed
-// it) without the wait. Shared with the delivery thread through the subscription's holder, so a
-// late answer after stop() still finds it alive.
-struct AckTracker {
-  struct Pending {
-    std::string event_id;
-    uint64_t sequence = 0;
-    Clock::time_point deadline;
-  };
-
-  std::string durable;
-  std::string inbox;  // replies arrive on inbox + ".<id>"
-  Millis timeout{0};
-  std::atomic<uint64_t> confirmed{0}, failed{0};
-
-  std::mutex mutex;
-  std::condition_variable empty;
-  std::unordered_map<uint64_t, Pending> pending;
-  uint64_t next_id = 0;
-
-  // Registers an ack about to be sent; returns its reply subject.
-  std::string add(std::string event_id, uint64_t sequence) {
-    std::lock_guard lock(mutex);
-    const uint64_t id = ++next_id;
-    pending.emplace(id, Pending{std::move(event_id), sequence, Clock::now() + timeout});
-    return inbox + "." + std::to_string(id);
-  }
-
-  // The answer for `subject` (or the send for it failed: `ok` false).
-  void settle(const char* subject, bool ok, const char* why) {
-    const size_t prefix = inbox.size() + 1;
-    if (subject == nullptr || std::strlen(subject) <= prefix) return;
-    const uint64_t id = std::strtoull(subject + prefix, nullptr, 10);
-    Pending p;
-    {
-      std::lock_guard lock(mutex);
-      auto it = pending.find(id);
-      if (it == pending.end()) return;  // already expired
-      p = std::move(it->second);
-      pending.erase(it);
-      if (pending.empty()) empty.notify_all();
-    }
-    if (ok) {
-      confirmed++;
-    } else {
-      failed++;
-      logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", durable, p.event_id,
-                     p.sequence, why);
-    }
-  }
-
-  // Acks unanswered past their deadline (all of them with `all`) count as failures.
-  void expire(Clock::time_point now, bool all) {
-    std::vector<Pending> late;
-    {
-      std::lock_guard lock(mutex);
-      for (auto it = pending.begin(); it != pending.end();) {
-        if (all || it->second.deadline <= now) {
-          late.push_back(std::move(it->second));
-          it = pending.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      if (pending.empty()) empty.notify_all();
-    }
-    failed += late.size();
-    for (const auto& p : late)
-      logger()->warn("{}: ack of {} (seq {}) not confirmed within {} ms; it will be delivered again", durable,
-                     p.event_id, p.sequence, timeout.count());
-  }
-
-  // Waits until every ack sent so far was answered, or until `until`.
-  bool wait_all(Clock::time_point until) {
-    std::unique_lock lock(mutex);
-    return empty.wait_until(lock, until, [&] { return pending.empty(); });
-  }
-};
-
-void on_ack_reply(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
-  auto& tracker = **static_cast<std::shared_ptr<AckTracker>*>(closure);
-  const bool refused = natsMsg_IsNoResponders(msg);
-  tracker.settle(natsMsg_GetSubject(msg), !refused, "no responders (the consumer is gone)");
-  natsMsg_Destroy(msg);
-}
-
-void on_ack_replies_complete(void* closure) { delete static_cast<std::shared_ptr<AckTracker>*>(closure); }
-
-std::string event_id_of(const std::string& body, const Headers& headers) {
-  try {
-    return Envelope::decode(body).event_id;
-  } catch (...) {
-    // Not an envelope: the publisher's dedup id is the best name we have.
-    auto it = headers.find("Nats-Msg-Id");
-    return it == headers.end() ? std::string() : it->second;
-  }
-}
 
 }  // namespace
 
@@ -193,13 +93,6 @@ Verdict ErrorPolicy::decide(const HandlerFailure& failure, const Message& messag
 
 namespace {
 
-// A decision to dead-letter, kept until the DLQ acknowledged the letter.
-struct PendingLetter {
-  DlqReason reason = DlqReason::permanent_error;
-  std::string error_class;
-  std::string error_message;
-};
-
 struct Registration {
   std::string filter;
   bool own_topic = false;
@@ -232,8 +125,8 @@ struct Subscription {
 
   detail::SubscriptionPtr pull;
   detail::SubscriptionPtr advisory;
-  std::shared_ptr<AckTracker> acks = std::make_shared<AckTracker>();
-  detail::SubscriptionPtr ack_replies;  // wildcard on acks->inbox
+  std::unique_ptr<detail::AckPipeline> acks;
+  std::unique_ptr<detail::DeadLetterPath> letters;
 
   std::mutex mutex;
   std::condition_variable cv;       // the fetcher and stop(): a slot freed, a worker finished
@@ -257,12 +150,6 @@ struct Subscription {
   // Deliveries past max_attempts that a delivery count may hold without this process having seen
   // them as deferrals (an earlier process deferred them): kDeferralAllowance with a breaker, else 0.
   uint64_t unseen_deferral_allowance = 0;
-
-  // Stream sequence -> the dead letter this process decided on but the DLQ did not take (the
-  // message was NAKed). Its next delivery here publishes the same letter again instead of running
-  // the handler. In memory only: elsewhere, or after a restart, the delivery count decides.
-  std::mutex letters_mutex;
-  std::unordered_map<uint64_t, PendingLetter> pending_letters;
 
   // Last members: destroyed (stopped and joined) first, while the state above still exists.
   std::jthread fetcher;
@@ -322,121 +209,11 @@ struct Consumer::Impl {
   // ---- settling a message ------------------------------------------------------------------
 
   // Sends "+ACK" with a reply subject and returns at once; "acked" in the stats counts when the
-  // server's answer arrives (AckTracker).
-  void ack(Subscription& s, Delivery& d, const Message& m) {
-    const auto sent = d.ack(connection->native(),
-                            [&] { return s.acks->add(m.envelope.event_id, m.metadata.stream_sequence); });
-    if (!sent.reply_to.empty() && sent.status != NATS_OK)
-      s.acks->settle(sent.reply_to.c_str(), false, detail::last_error_text(sent.status).c_str());
+  // server's answer arrives (AckPipeline).
+  static void ack(Subscription& s, Delivery& d, const Message& m) {
+    s.acks->ack(d, m.envelope.event_id, m.metadata.stream_sequence);
   }
 
-
-  // DLQ publish, PubAck, then TERM; true when the DLQ took it. If the DLQ does not take it, NAK
-  // with the backoff delay and remember the decision (pending_letters): the message stays with the
-  // consumer, and its next delivery here tries the same letter again without the handler. With
-  // the default MaxDeliver (unlimited) the server keeps redelivering for as long as the DLQ
-  // refuses; elsewhere or after a restart, the delivery count past max_attempts sends it here
-  // again (process()).
-  bool dead_letter(Subscription& s, Delivery& d, const Message& m, DlqReason reason, const std::string& error_class,
-                   const std::string& error_message) {
-    DeadLetter letter;
-    letter.original_subject = m.subject;
-    letter.body = m.body;
-    letter.headers = m.headers;
-    if (!s.replay_of.empty()) restore_msg_id(letter.headers);
-    auto& c = letter.context;
-    c.event_id = !m.envelope.event_id.empty() ? m.envelope.event_id : letter.headers["Nats-Msg-Id"];
-    if (c.event_id.empty()) letter.headers.erase("Nats-Msg-Id");
-    c.reason = reason;
-    c.error_class = error_class;
-    c.error_message = error_message;
-    c.deliveries = m.metadata.deliveries;
-    c.original_subject = m.subject;
-    c.stream = m.metadata.stream;
-    c.sequence = m.metadata.stream_sequence;
-    c.consumer = s.owner();
-    if (!s.replay_of.empty()) {
-      // A failed replay points at the original in its stream, and is a new letter (replay_sequence).
-      c.replay_sequence = m.metadata.stream_sequence;
-      std::string subject = m.subject;
-      restore_origin(m.headers, subject, c.stream, c.sequence);
-    }
-    try {
-      auto stored = dlq->publish(letter);
-      d.term();
-      forget_pending_letter(s, m.metadata.stream_sequence);
-      s.counters.dead_lettered++;
-      logger()->error("{}: event {} (seq {}, delivery {}) dead-lettered as {} to {}{}: {}{}{}", s.durable, c.event_id,
-                      c.sequence, c.deliveries, to_string(reason), stored.subject,
-                      stored.duplicate ? " (already there)" : "", error_class, error_class.empty() ? "" : ": ",
-                      error_message);
-      return true;
-    } catch (const std::exception& e) {
-      s.counters.dlq_failures++;
-      bool first_refusal = false;
-      {
-        std::lock_guard lock(s.letters_mutex);
-        // Entries of messages another instance dead-lettered are never erased here; bound the map.
-        // A forgotten entry costs the letter its reason, not its message: the delivery count
-        // still sends it to the DLQ.
-        if (s.pending_letters.size() >= 100000) s.pending_letters.clear();
-        first_refusal = s.pending_letters
-                            .insert_or_assign(m.metadata.stream_sequence, PendingLetter{reason, error_class, error_message})
-                            .second;
-      }
-      const auto delay = s.backoff->delay(std::max<uint64_t>(1, m.metadata.deliveries));
-      d.nak(delay);
-      // An outage refuses every redelivery: the first refusal of a message is the error, the
-      // rest would flood the log.
-      logger()->log(first_refusal ? spdlog::level::err : spdlog::level::debug,
-                    "{}: event {} (seq {}, delivery {}) could not be dead-lettered as {} ({}); NAKed, tried again "
-                    "in {} ms",
-                    s.durable, c.event_id, c.sequence, c.deliveries, to_string(reason), e.what(), delay.count());
-      return false;
-    }
-  }
-
-  static std::optional<PendingLetter> pending_letter_of(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.letters_mutex);
-    auto it = s.pending_letters.find(sequence);
-    if (it == s.pending_letters.end()) return std::nullopt;
-    return it->second;
-  }
-
-  static void forget_pending_letter(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.letters_mutex);
-    s.pending_letters.erase(sequence);
-  }
-
-  // A replay carries where the original was; the handler sees that, not the replay stream. The
-  // delivery itself (ack, NAK, delivery count) stays the replay's.
-  static void restore_origin(const Headers& headers, std::string& subject, std::string& stream, uint64_t& sequence) {
-    auto get = [&](const char* key) -> const std::string* {
-      auto it = headers.find(key);
-      return it == headers.end() || it->second.empty() ? nullptr : &it->second;
-    };
-    if (const auto* v = get(kReplayOriginalSubjectHeader)) subject = *v;
-    const auto* st = get(kReplayOriginalStreamHeader);
-    const auto* sq = get(kReplayOriginalSequenceHeader);
-    if (st != nullptr && sq != nullptr) {
-      uint64_t n = 0;
-      auto [end, ec] = std::from_chars(sq->data(), sq->data() + sq->size(), n);
-      if (ec == std::errc() && end == sq->data() + sq->size()) {
-        stream = *st;
-        sequence = n;
-      }
-    }
-  }
-
-  // A replay's Nats-Msg-Id is its own; the original's travels in x-original-msg-id.
-  static void restore_msg_id(Headers& headers) {
-    auto it = headers.find(kOriginalMsgIdHeader);
-    if (it != headers.end() && !it->second.empty())
-      headers["Nats-Msg-Id"] = it->second;
-    else
-      headers.erase("Nats-Msg-Id");
-    headers.erase(kOriginalMsgIdHeader);
-  }
 
   // ---- one message ---------------------------------------------------------------------------
 
@@ -466,7 +243,7 @@ struct Consumer::Impl {
       m.metadata.consumer = s.replay_of;
       std::string ignored_stream;
       uint64_t ignored_sequence = 0;
-      restore_origin(m.headers, m.subject, ignored_stream, ignored_sequence);
+      detail::restore_origin(m.headers, m.subject, ignored_stream, ignored_sequence);
     }
     m.max_attempts = s.max_attempts;
     m.stop_token = handler_stop.get_token();
@@ -481,13 +258,14 @@ struct Consumer::Impl {
       m.envelope = Envelope::decode(m.body);
     } catch (const std::exception& e) {
       // Retrying cannot fix a body; the consumer moves on to the next message.
-      if (dead_letter(s, d, m, DlqReason::malformed, current_exception_class(), e.what())) s.counters.malformed++;
+      if (s.letters->dead_letter(d, m, DlqReason::malformed, current_exception_class(), e.what()))
+        s.counters.malformed++;
       return;
     }
 
     // Decided here earlier, refused by the DLQ: the same letter again, not the handler again.
-    if (auto letter = pending_letter_of(s, m.metadata.stream_sequence)) {
-      dead_letter(s, d, m, letter->reason, letter->error_class, letter->error_message);
+    if (auto letter = s.letters->pending_letter(m.metadata.stream_sequence)) {
+      s.letters->dead_letter(d, m, letter->reason, letter->error_class, letter->error_message);
       return;
     }
     // Attempts are counted from the server's delivery count, before the handler runs: a delivery
@@ -507,7 +285,7 @@ struct Consumer::Impl {
                               "), and the handler never gave a verdict: it crashed the process or hung past "
                               "ack_wait (or a verdict was lost: an ack or a dead letter that did not reach the "
                               "server, a hand-back on stop)";
-      if (dead_letter(s, d, m, DlqReason::max_deliveries, "", why)) s.counters.max_deliveries++;
+      if (s.letters->dead_letter(d, m, DlqReason::max_deliveries, "", why)) s.counters.max_deliveries++;
       return;
     }
 
@@ -568,7 +346,7 @@ struct Consumer::Impl {
                        m.envelope.event_id, m.metadata.stream_sequence, failure->error_class, failure->message);
         return;
       case Verdict::dead_letter:
-        dead_letter(s, d, m, DlqReason::permanent_error, failure->error_class, failure->message);
+        s.letters->dead_letter(d, m, DlqReason::permanent_error, failure->error_class, failure->message);
         return;
       case Verdict::retry:
         break;
@@ -576,7 +354,7 @@ struct Consumer::Impl {
     const uint64_t attempt = m.metadata.deliveries - std::min(m.metadata.deliveries, deferred_deliveries);
     if (attempt >= s.max_attempts) {
       forget_deferrals(s, m.metadata.stream_sequence);
-      dead_letter(s, d, m, DlqReason::attempts_exhausted, failure->error_class, failure->message);
+      s.letters->dead_letter(d, m, DlqReason::attempts_exhausted, failure->error_class, failure->message);
       return;
     }
     const auto delay = s.backoff->delay(std::max<uint64_t>(1, attempt));
@@ -777,82 +555,11 @@ struct Consumer::Impl {
       }
       detail::MsgPtr advisory(raw);
       try {
-        handle_max_deliveries(s, body_of(advisory.get()), st);
+        if (s.letters->dead_letter_from_advisory(body_of(advisory.get()), st)) s.counters.max_deliveries++;
       } catch (const std::exception& e) {
         logger()->error("{}: MAX_DELIVERIES advisory not handled: {}", s.durable, e.what());
       }
     }
-  }
-
-  // The server gave up on a message (finite max_deliver only) without a verdict from us. Read it
-  // by sequence and dead-letter it; the DLQ Nats-Msg-Id makes a second writer of the same letter
-  // harmless. If the DLQ refuses it for ~3 s the message stays in its stream, undelivered: that
-  // is the risk a finite max_deliver takes, and why the default is unlimited.
-  void handle_max_deliveries(Subscription& s, const std::string& text, const std::stop_token& st) {
-    auto j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) {
-      logger()->warn("{}: unreadable MAX_DELIVERIES advisory: {}", s.durable, text);
-      return;
-    }
-    const uint64_t seq = j.value("stream_seq", uint64_t{0});
-    const uint64_t deliveries = j.value("deliveries", uint64_t{0});
-    const std::string stream = j.value("stream", s.stream);
-    if (seq == 0) return;
-
-    natsMsg* raw = nullptr;
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    natsStatus status = js_GetMsg(&raw, connection->jetstream(), stream.c_str(), seq, nullptr, &jerr);
-    detail::MsgPtr stored(raw);
-    if (status != NATS_OK) {
-      logger()->error("{}: message {} of stream {} reached MaxDeliver but cannot be read ({}); not dead-lettered",
-                      s.durable, seq, stream, detail::last_error_text(status));
-      return;
-    }
-    DeadLetter letter;
-    letter.original_subject = natsMsg_GetSubject(stored.get());
-    letter.body = body_of(stored.get());
-    letter.headers = read_headers(stored.get());
-    auto& c = letter.context;
-    c.event_id = event_id_of(letter.body, letter.headers);
-    c.reason = DlqReason::max_deliveries;
-    c.error_message = "delivered " + std::to_string(deliveries) +
-                      " times (MaxDeliver) without a verdict: the handler crashed, hung past ack_wait, or its ack was lost";
-    c.deliveries = deliveries;
-    c.original_subject = letter.original_subject;
-    c.stream = stream;
-    c.sequence = seq;
-    c.consumer = s.owner();
-    if (!s.replay_of.empty()) {
-      restore_msg_id(letter.headers);
-      c.event_id = event_id_of(letter.body, letter.headers);
-      c.replay_sequence = seq;
-      restore_origin(letter.headers, letter.original_subject, c.stream, c.sequence);
-    }
-    c.original_subject = letter.original_subject;
-
-    Millis pause{200};
-    for (int attempt = 1; attempt <= kAdvisoryPublishTries; ++attempt) {
-      try {
-        auto r = dlq->publish(letter);
-        if (!r.duplicate) {
-          s.counters.dead_lettered++;
-          s.counters.max_deliveries++;
-        }
-        logger()->error("{}: event {} (seq {}) reached MaxDeliver ({}); dead-lettered to {}{}", s.durable, c.event_id,
-                        seq, deliveries, r.subject, r.duplicate ? " (already there)" : "");
-        return;
-      } catch (const std::exception& e) {
-        logger()->warn("{}: dead-lettering seq {} after MaxDeliver failed (try {}/{}): {}", s.durable, seq, attempt,
-                       kAdvisoryPublishTries, e.what());
-      }
-      std::unique_lock lock(s.mutex);
-      if (s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); })) break;
-      pause *= 2;
-    }
-    s.counters.dlq_failures++;
-    logger()->error("{}: event {} reached MaxDeliver and could not be dead-lettered; it stays in stream {} at "
-                    "sequence {} (the server will not deliver it again)",
-                    s.durable, c.event_id, stream, seq);
   }
 
   void add(std::string filter, bool own, Handler handler, SubscriptionOptions options) {
@@ -878,12 +585,14 @@ struct Consumer::Impl {
 
   // ---- start / stop --------------------------------------------------------------------------
 
-  std::unique_ptr<Subscription> prepare(Topology& topology, const Registration& r) {
+  // `replay_of`: the durable whose replays this subscription reads (empty for a main one).
+  std::unique_ptr<Subscription> prepare(Topology& topology, const Registration& r, const std::string& replay_of = {}) {
     const auto& d = config.consumer;
     const auto& o = r.options;
     auto s = std::make_unique<Subscription>();
     s->filter = r.filter;
     s->durable = r.durable;
+    s->replay_of = replay_of;
     s->concurrency = o.concurrency.value_or(d.concurrency);
     s->prefetch = o.prefetch.value_or(0);
     const int attempts = o.max_attempts.value_or(d.max_attempts);
@@ -963,26 +672,9 @@ struct Consumer::Impl {
     s->pull.reset(pull);
     detail::check(status, "binding to consumer " + s->durable + " on stream " + s->stream, jerr);
 
-    s->acks->durable = s->durable;
-    s->acks->timeout = config.connection.jetstream_timeout;
-    {
-      natsInbox* inbox = nullptr;
-      status = natsInbox_Create(&inbox);
-      detail::check(status, "creating the ack inbox of " + s->durable);
-      s->acks->inbox = inbox;
-      natsInbox_Destroy(inbox);
-      const std::string wildcard = s->acks->inbox + ".*";
-      auto* holder = new std::shared_ptr<AckTracker>(s->acks);
-      natsSubscription* replies = nullptr;
-      status = natsConnection_Subscribe(&replies, connection->native(), wildcard.c_str(), on_ack_reply, holder);
-      if (status != NATS_OK) {
-        delete holder;  // no subscription, so no completion callback will free it
-        detail::check(status, "subscribing to the ack answers of " + s->durable);
-      }
-      s->ack_replies.reset(replies);
-      if (natsSubscription_SetOnCompleteCB(replies, on_ack_replies_complete, holder) != NATS_OK)
-        logger()->warn("{}: completion callback not set; a few bytes stay allocated", s->durable);
-    }
+    s->acks = std::make_unique<detail::AckPipeline>(*connection, s->durable, config.connection.jetstream_timeout);
+    s->letters = std::make_unique<detail::DeadLetterPath>(*connection, *dlq, s->durable, s->stream, s->replay_of,
+                                                          *s->backoff);
 
     if (options.capture_max_deliveries && s->max_deliver > 0) {
       // Only a finite max_deliver (set by the user) lets the server stop delivering a message the
@@ -1069,9 +761,7 @@ struct Consumer::Impl {
         rr.options.max_ack_pending.reset();
         rr.options.rate_limit.reset();
         try {
-          auto s = prepare(topology, rr);
-          s->replay_of = main.durable;
-          prepared.push_back(std::move(s));
+          prepared.push_back(prepare(topology, rr, main.durable));
         } catch (const Error& e) {
           logger()->warn("{}: replay route not available ({}): its replays need natspubsub-dlq --to-subject",
                          main.durable, e.what());
@@ -1186,7 +876,7 @@ struct Consumer::Impl {
     for (auto& s : subs) {
       s->acks->wait_all(answers_by);
       s->acks->expire(Clock::now(), true);
-      s->ack_replies.reset();
+      s->acks->close();
       s->advisory.reset();
       s->pull.reset();
     }
@@ -1203,16 +893,16 @@ struct Consumer::Impl {
     out.stream = s.stream;
     const auto& c = s.counters;
     out.received = c.received;
-    out.acked = s.acks->confirmed;
+    out.acked = s.acks->confirmed();
     out.retried = c.retried;
-    out.dead_lettered = c.dead_lettered;
+    out.dead_lettered = s.letters->dead_lettered();
     out.discarded = c.discarded;
     out.malformed = c.malformed;
     out.max_deliveries = c.max_deliveries;
     out.handler_errors = c.handler_errors;
     out.nacked_on_stop = c.nacked_on_stop;
-    out.ack_failures = s.acks->failed;
-    out.dlq_failures = c.dlq_failures;
+    out.ack_failures = s.acks->failed();
+    out.dlq_failures = s.letters->failures();
     {
       std::lock_guard lock(s.mutex);
       out.in_flight = s.outstanding.size();
