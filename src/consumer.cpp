@@ -24,6 +24,8 @@
 #include "ack_pipeline.hpp"
 #include "dead_letter_path.hpp"
 #include "delivery.hpp"
+#include "delivery_queue.hpp"
+#include "fetcher.hpp"
 #include "nats_util.hpp"
 
 namespace natspubsub {
@@ -37,12 +39,8 @@ using Clock = std::chrono::steady_clock;
 constexpr Millis kDefaultMaxInProgress{600000};
 // Every wait in the runtime is bounded by this, so a missed notification costs at most this much.
 constexpr Millis kIdleWait{100};
-// After a failed fetch (connection down, consumer deleted) before trying again.
-constexpr Millis kFetchErrorPause{500};
 constexpr Millis kAdvisoryPoll{200};
 constexpr Millis kFlushTimeout{2000};
-
-int64_t to_nanos(Millis m) { return m.count() * 1000000; }
 
 using detail::Delivery;
 using detail::DeliveryPtr;
@@ -51,7 +49,8 @@ using detail::DeliveryState;
 struct Counters {
   // acked and ack_failures are counted by the subscription's AckPipeline, dead_lettered and
   // dlq_failures by its DeadLetterPath.
-  std::atomic<uint64_t> received{0}, retried{0}, discarded{0}, malformed{0}, max_deliveries{0}, handler_errors{0},
+  // received is counted by the subscription's Fetcher.
+  std::atomic<uint64_t> retried{0}, discarded{0}, malformed{0}, max_deliveries{0}, handler_errors{0},
       nacked_on_stop{0};
 };
 
@@ -128,13 +127,7 @@ struct Subscription {
   std::unique_ptr<detail::AckPipeline> acks;
   std::unique_ptr<detail::DeadLetterPath> letters;
 
-  std::mutex mutex;
-  std::condition_variable cv;       // the fetcher and stop(): a slot freed, a worker finished
-  std::condition_variable work_cv;  // workers: a message queued, or stop
-  std::deque<DeliveryPtr> queue;     // fetched, not started
-  std::set<DeliveryPtr> outstanding;  // fetched, not finished (queued or running)
-  int running = 0;
-  bool accepting = true;             // false once stop() began: workers start nothing new
+  std::unique_ptr<detail::DeliveryQueue> queue;  // between the fetcher, the workers and stop()
 
   Counters counters;
   LatencyHistogram latency;
@@ -152,20 +145,13 @@ struct Subscription {
   uint64_t unseen_deferral_allowance = 0;
 
   // Last members: destroyed (stopped and joined) first, while the state above still exists.
-  std::jthread fetcher;
+  std::unique_ptr<detail::Fetcher> fetcher;
   std::jthread advisor;
   std::vector<std::jthread> workers;
 
   [[nodiscard]] int capacity() const { return concurrency + prefetch; }
   /// The durable that owns the messages: replay_of for a replay subscription.
   [[nodiscard]] const std::string& owner() const { return replay_of.empty() ? durable : replay_of; }
-  // Under `mutex`. The fetcher pulls once half the slots are free, or as soon as one is free and
-  // no fetched message is waiting for a worker: fewer, larger pulls while a backlog is worked
-  // off, no delay for a worker about to go idle.
-  [[nodiscard]] bool wants_fetch() const {
-    const int free = capacity() - static_cast<int>(outstanding.size());
-    return free > 0 && (free >= std::max(1, capacity() / 2) || queue.empty());
-  }
 };
 
 }  // namespace
@@ -196,11 +182,13 @@ struct Consumer::Impl {
     // running with nobody to join it.
     ticker = std::jthread();
     for (auto& s : subs) {
-      s->fetcher = std::jthread();
+      if (s->fetcher) {
+        s->fetcher->request_stop();
+        s->fetcher->join();
+      }
       s->advisor = std::jthread();
       for (auto& w : s->workers) w.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      if (s->queue) s->queue->wake_all();
       s->workers.clear();
     }
     subs.clear();
@@ -393,40 +381,14 @@ struct Consumer::Impl {
                     m.metadata.stream_sequence, delay.count(), why);
   }
 
-  // Shrinks `batch` to what the circuit and the rate limit allow now. False when nothing may be
-  // fetched yet; it has then waited (bounded by kIdleWait) before the caller looks again.
-  bool limit_fetch(Subscription& s, int& batch, const std::stop_token& st) {
-    Millis pause{0};
-    if (s.breaker) {
-      const auto state = s.breaker->state();
-      if (state == CircuitState::open) pause = std::max(Millis{1}, std::min(s.breaker->retry_after(), kIdleWait));
-      if (state == CircuitState::half_open) batch = std::min(batch, s.breaker->options().half_open_probes);
-    }
-    if (pause.count() == 0 && s.limiter) {
-      const int granted = s.limiter->acquire_up_to(batch);
-      if (granted == 0) pause = std::clamp(s.limiter->wait_time(1), Millis{1}, kIdleWait);
-      else batch = granted;
-    }
-    if (pause.count() == 0) return true;
-    std::unique_lock lock(s.mutex);
-    s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); });
-    return false;
-  }
-
   // ---- threads -------------------------------------------------------------------------------
 
   void worker_loop(Subscription& s, std::stop_token st) {
     while (true) {
-      DeliveryPtr d;
-      {
-        std::unique_lock lock(s.mutex);
-        s.work_cv.wait_for(lock, kIdleWait,
-                           [&] { return st.stop_requested() || (s.accepting && !s.queue.empty()); });
+      DeliveryPtr d = s.queue->take(st, kIdleWait);
+      if (!d) {
         if (st.stop_requested()) return;
-        if (!s.accepting || s.queue.empty()) continue;
-        d = std::move(s.queue.front());
-        s.queue.pop_front();
-        s.running++;
+        continue;
       }
       try {
         process(s, *d);
@@ -435,85 +397,7 @@ struct Consumer::Impl {
         logger()->error("{}: unexpected {} while processing a message; NAKed", s.durable, current_exception_class());
         d->nak(s.backoff->delay(1));
       }
-      bool wake = false;
-      {
-        std::lock_guard lock(s.mutex);
-        s.running--;
-        s.outstanding.erase(d);
-        wake = s.running == 0 || !s.accepting || s.wants_fetch();  // the fetcher, or stop()
-      }
-      if (wake) s.cv.notify_all();
-    }
-  }
-
-  void enqueue(Subscription& s, natsMsgList& list) {
-    const auto now = Clock::now();
-    const int list_count = list.Count;
-    {
-      std::lock_guard lock(s.mutex);
-      for (int i = 0; i < list.Count; ++i) {
-        if (list.Msgs[i] == nullptr) continue;
-        auto d = std::make_shared<Delivery>(detail::MsgPtr(list.Msgs[i]), now);
-        list.Msgs[i] = nullptr;  // ours now; natsMsgList_Destroy skips it
-        s.queue.push_back(d);
-        s.outstanding.insert(std::move(d));
-        s.counters.received++;
-      }
-    }
-    natsMsgList_Destroy(&list);
-    // Wake as many workers as there are new messages, not every thread of the subscription.
-    if (list_count == 1)
-      s.work_cv.notify_one();
-    else if (list_count > 1)
-      s.work_cv.notify_all();
-  }
-
-  void fetch_loop(Subscription& s, std::stop_token st) {
-    auto last_error_log = Clock::time_point{};
-    while (!st.stop_requested()) {
-      int free = 0;
-      {
-        std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested() || s.wants_fetch(); });
-        if (st.stop_requested()) break;
-        free = s.capacity() - static_cast<int>(s.outstanding.size());
-      }
-      if (free <= 0) continue;
-      if (!limit_fetch(s, free, st)) continue;  // protection
-
-      // NoWait with an expiry (nats-server >= 2.9): the pull waits up to fetch_timeout for the
-      // first message, then returns what is there, up to the free slots. A plain waiting pull
-      // would hold a lone message back until the whole batch fills or the pull expires.
-      natsMsgList list{};
-      jsFetchRequest req;
-      jsFetchRequest_Init(&req);
-      req.Batch = free;
-      req.NoWait = true;
-      req.Expires = to_nanos(s.fetch_timeout);
-      const auto pulled_at = Clock::now();
-      const natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
-      // protection: tokens for messages the pull did not bring go back to the bucket.
-      if (s.limiter) s.limiter->release(free - (status == NATS_OK ? list.Count : 0));
-      if (status == NATS_OK) {
-        enqueue(s, list);
-        continue;
-      }
-      natsMsgList_Destroy(&list);
-      if (status == NATS_TIMEOUT || status == NATS_NOT_FOUND) {
-        // An empty answer long before the expiry (a server that ignores the expiry of a NoWait
-        // pull) must not turn this loop into a busy poll.
-        if (Clock::now() - pulled_at < s.fetch_timeout / 2) {
-          std::unique_lock lock(s.mutex);
-          s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested(); });
-        }
-        continue;
-      }
-      if (Clock::now() - last_error_log > std::chrono::seconds(10)) {
-        last_error_log = Clock::now();
-        logger()->warn("{}: fetch failed: {}; retrying", s.durable, detail::last_error_text(status));
-      }
-      std::unique_lock lock(s.mutex);
-      s.cv.wait_for(lock, kFetchErrorPause, [&] { return st.stop_requested(); });
+      s.queue->finish(d);
     }
   }
 
@@ -533,12 +417,7 @@ struct Consumer::Impl {
       for (auto& sp : subs) {
         auto& s = *sp;
         s.acks->expire(now, false);
-        std::vector<DeliveryPtr> current;
-        {
-          std::lock_guard lock(s.mutex);
-          current.assign(s.outstanding.begin(), s.outstanding.end());
-        }
-        for (auto& d : current) d->signal_in_progress(now, s.in_progress_interval, s.max_in_progress);
+        for (auto& d : s.queue->outstanding()) d->signal_in_progress(now, s.in_progress_interval, s.max_in_progress);
       }
     }
   }
@@ -549,8 +428,7 @@ struct Consumer::Impl {
       natsStatus status = natsSubscription_NextMsg(&raw, s.advisory.get(), kAdvisoryPoll.count());
       if (status == NATS_TIMEOUT) continue;
       if (status != NATS_OK) {
-        std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kAdvisoryPoll, [&] { return st.stop_requested(); });
+        s.queue->pause(st, kAdvisoryPoll);
         continue;
       }
       detail::MsgPtr advisory(raw);
@@ -633,6 +511,7 @@ struct Consumer::Impl {
         throw ConfigError(f + e.field(), e.rule());
       }
     }
+    s->queue = std::make_unique<detail::DeliveryQueue>(s->capacity());
 
     std::vector<Middleware> chain = middleware;
     chain.insert(chain.end(), o.middleware.begin(), o.middleware.end());
@@ -671,6 +550,9 @@ struct Consumer::Impl {
                                          &so, &jerr);
     s->pull.reset(pull);
     detail::check(status, "binding to consumer " + s->durable + " on stream " + s->stream, jerr);
+    s->fetcher = std::make_unique<detail::Fetcher>(
+        s->pull.get(), *s->queue,
+        detail::Fetcher::Options{s->durable, s->fetch_timeout, s->breaker, s->limiter.get()});
 
     s->acks = std::make_unique<detail::AckPipeline>(*connection, s->durable, config.connection.jetstream_timeout);
     s->letters = std::make_unique<detail::DeadLetterPath>(*connection, *dlq, s->durable, s->stream, s->replay_of,
@@ -777,7 +659,7 @@ struct Consumer::Impl {
       auto* s = sp.get();
       for (int i = 0; i < s->concurrency; ++i)
         s->workers.emplace_back([this, s](std::stop_token st) { worker_loop(*s, st); });
-      s->fetcher = std::jthread([this, s](std::stop_token st) { fetch_loop(*s, st); });
+      s->fetcher->start();
       if (s->advisory) s->advisor = std::jthread([this, s](std::stop_token st) { advisory_loop(*s, st); });
     }
     ticker = std::jthread([this](std::stop_token st) { ticker_loop(st); });
@@ -793,56 +675,39 @@ struct Consumer::Impl {
     // listener (bounded by its poll). Workers keep taking what the last pull brought meanwhile:
     // handing a message back costs it a delivery, running it on an idle worker does not.
     for (auto& s : subs) {
-      s->fetcher.request_stop();
+      s->fetcher->request_stop();
       s->advisor.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
     for (auto& s : subs) {
-      if (s->fetcher.joinable()) s->fetcher.join();
+      s->fetcher->join();
       if (s->advisor.joinable()) s->advisor.join();
     }
 
     // 2. From here workers start nothing new.
-    for (auto& s : subs) {
-      std::lock_guard l(s->mutex);
-      s->accepting = false;
-    }
+    for (auto& s : subs) s->queue->close();
 
     // 3. Fetched but not started: NAK without delay, so another instance has them at once.
     uint64_t running_at_stop = 0;
     for (auto& s : subs) {
-      std::deque<DeliveryPtr> unstarted;
-      {
-        std::lock_guard l(s->mutex);
-        unstarted.swap(s->queue);
-        for (const auto& d : unstarted) s->outstanding.erase(d);
-        running_at_stop += static_cast<uint64_t>(s->running);
-      }
+      uint64_t running = 0;
+      auto unstarted = s->queue->take_unstarted(running);
+      running_at_stop += running;
       for (auto& d : unstarted) {
         if (d->nak(Millis{0})) {
           s->counters.nacked_on_stop++;
           report.nacked_unstarted++;
         }
       }
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
 
     // 4. Running handlers finish (and ack or NAK) until the deadline.
-    for (auto& s : subs) {
-      std::unique_lock l(s->mutex);
-      s->cv.wait_until(l, until, [&] { return s->running == 0; });
-    }
+    for (auto& s : subs) s->queue->wait_idle(until);
 
     // 5. Past the deadline: ask handlers to give up and hand their messages back now.
     for (auto& s : subs) {
-      std::vector<DeliveryPtr> stuck;
-      {
-        std::lock_guard l(s->mutex);
-        stuck.assign(s->outstanding.begin(), s->outstanding.end());
-      }
-      for (auto& d : stuck) {
+      for (auto& d : s->queue->outstanding()) {
         if (d->abandon()) report.abandoned++;
       }
     }
@@ -858,8 +723,7 @@ struct Consumer::Impl {
     // 6. Threads end. Workers still inside a handler are joined by the destructor.
     for (auto& s : subs) {
       for (auto& w : s->workers) w.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
     if (!workers_stuck) {
       for (auto& s : subs)
@@ -892,7 +756,7 @@ struct Consumer::Impl {
     out.durable = s.durable;
     out.stream = s.stream;
     const auto& c = s.counters;
-    out.received = c.received;
+    out.received = s.fetcher->received();
     out.acked = s.acks->confirmed();
     out.retried = c.retried;
     out.dead_lettered = s.letters->dead_lettered();
@@ -903,11 +767,9 @@ struct Consumer::Impl {
     out.nacked_on_stop = c.nacked_on_stop;
     out.ack_failures = s.acks->failed();
     out.dlq_failures = s.letters->failures();
-    {
-      std::lock_guard lock(s.mutex);
-      out.in_flight = s.outstanding.size();
-      out.running = static_cast<uint64_t>(s.running);
-    }
+    const auto counts = s.queue->counts();
+    out.in_flight = counts.outstanding;
+    out.running = static_cast<uint64_t>(counts.running);
     out.latency = s.latency.snapshot();
     out.deferred = s.deferred;  // protection
     if (s.breaker) out.circuit = s.breaker->stats();
