@@ -1,8 +1,8 @@
 #pragma once
 // Pipelined acks of one subscription. Each "+ACK" goes out with a reply subject under one
 // wildcard inbox and the caller moves on; the server's answer, arriving on cnats' delivery
-// thread, counts the message as confirmed. An answer that does not come within `timeout` (see
-// expire()) counts as a failure: the message will be delivered again. Not installed.
+// thread, counts the message as confirmed, a "no responders" answer as failed. An ack not
+// answered within `timeout` counts as failed when expire() runs. Not installed.
 //
 //   AckPipeline acks(connection, "orders-created", Millis{5000});
 //   acks.ack(delivery, event_id, stream_sequence);   // returns at once

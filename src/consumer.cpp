@@ -395,7 +395,6 @@ struct Consumer::Impl {
                    report.finished, report.abandoned);
     return report;
   }
-
 };
 
 Consumer::Consumer(Connection& connection, ConsumerOptions options) : impl_(std::make_unique<Impl>()) {

@@ -1,8 +1,9 @@
 #pragma once
 // The dead-letter path of one subscription: builds the dead letter of a message, publishes it to
 // the DLQ and waits for the PubAck, then TERMs the message. When the DLQ does not take it, the
-// message is NAKed with the backoff delay and the decision is remembered (pending_letter()), so
-// its next delivery here publishes the same letter again instead of running the handler.
+// message is NAKed with the backoff delay and the decision is kept (pending_letter()):
+// Subscription::process() publishes that letter again on the message's next delivery instead of
+// running the handler.
 // Also dead-letters a message named by a MAX_DELIVERIES advisory (finite max_deliver only).
 // Not installed. Test: tests/dead_letter_path_test.cpp.
 //
