@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <mutex>
 #include <stop_token>
 #include <thread>
@@ -15,6 +14,7 @@
 #include <natspubsub/topology.hpp>
 
 #include "nats_util.hpp"
+#include "progress_ticker.hpp"
 #include "subscription.hpp"
 
 namespace natspubsub {
@@ -94,12 +94,12 @@ struct Consumer::Impl {
 
   std::vector<std::unique_ptr<Subscription>> subs;  // set once by start(), then only read
   std::atomic<bool> subs_ready{false};              // stats() may read `subs` (set after it)
-  std::jthread ticker;  // +WPI for every outstanding message
+  std::unique_ptr<detail::ProgressTicker> ticker;  // ack expiry and +WPI for every subscription
 
   ~Impl() {
     // Workers inside a handler that outlived stop() are waited for here: a thread is never left
     // running with nobody to join it.
-    ticker = std::jthread();
+    ticker.reset();
     for (auto& s : subs) {
       if (s->fetcher) {
         s->fetcher->request_stop();
@@ -111,27 +111,6 @@ struct Consumer::Impl {
       s->workers.clear();
     }
     subs.clear();
-  }
-
-  void ticker_loop(std::stop_token st) {
-    Millis tick{1000};
-    for (const auto& s : subs) tick = std::min(tick, s->in_progress_interval / 4);
-    tick = std::max(tick, Millis{5});
-    std::mutex m;
-    std::condition_variable_any cv;
-    while (!st.stop_requested()) {
-      {
-        std::unique_lock lock(m);
-        cv.wait_for(lock, st, tick, [] { return false; });
-      }
-      if (st.stop_requested()) return;
-      const auto now = Clock::now();
-      for (auto& sp : subs) {
-        auto& s = *sp;
-        s.acks->expire(now, false);
-        for (auto& d : s.queue->outstanding()) d->signal_in_progress(now, s.in_progress_interval, s.max_in_progress);
-      }
-    }
   }
 
   void add(std::string filter, bool own, Handler handler, SubscriptionOptions options) {
@@ -308,7 +287,7 @@ struct Consumer::Impl {
     started = true;
     running = true;
     for (auto& s : subs) s->start();
-    ticker = std::jthread([this](std::stop_token st) { ticker_loop(st); });
+    ticker = std::make_unique<detail::ProgressTicker>(subs);
   }
 
   StopReport stop(Millis deadline) {
@@ -376,7 +355,7 @@ struct Consumer::Impl {
         for (auto& w : s->workers)
           if (w.joinable()) w.join();
     }
-    ticker = std::jthread();
+    ticker.reset();
 
     // 7. Acks and NAKs are on the wire before the subscriptions go; the durables stay. The
     // server's answers to the acks are awaited as a synchronous ack would have been: up to the
