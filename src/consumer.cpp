@@ -2,165 +2,30 @@
 
 #include <algorithm>
 #include <atomic>
-#include <charconv>
-#include <condition_variable>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
 #include <mutex>
-#include <set>
 #include <stop_token>
 #include <thread>
-#include <unordered_map>
 
 #include <natspubsub/connection.hpp>
 #include <natspubsub/dlq.hpp>
 #include <natspubsub/error.hpp>
 #include <natspubsub/log.hpp>
-#include <natspubsub/request.hpp>
 #include <natspubsub/subject.hpp>
 #include <natspubsub/topology.hpp>
 
 #include "nats_util.hpp"
+#include "progress_ticker.hpp"
+#include "subscription.hpp"
 
 namespace natspubsub {
 namespace {
 
-using detail::body_of;
-using detail::read_headers;
-
 using Clock = std::chrono::steady_clock;
 
 constexpr Millis kDefaultMaxInProgress{600000};
-// Every wait in the runtime is bounded by this, so a missed notification costs at most this much.
-constexpr Millis kIdleWait{100};
-// After a failed fetch (connection down, consumer deleted) before trying again.
-constexpr Millis kFetchErrorPause{500};
-constexpr Millis kAdvisoryPoll{200};
-constexpr int kAdvisoryPublishTries = 5;
 constexpr Millis kFlushTimeout{2000};
 
-int64_t to_nanos(Millis m) { return m.count() * 1000000; }
-
-// One fetched message from fetch to verdict. The natsMsg is used from a worker (ack, NAK,
-// TERM) and from the ticker (+WPI); cnats does not lock a message, so `mutex` does.
-struct Delivery {
-  detail::MsgPtr msg;  // released once settled: nothing may be sent for it after a verdict
-  std::mutex mutex;
-  bool settled = false;
-  bool abandoned = false;  // stop deadline passed: handed back; the handler's result is ignored
-  Clock::time_point fetched_at;
-  Clock::time_point last_progress;  // written by the ticker only
-};
-using DeliveryPtr = std::shared_ptr<Delivery>;
-
-struct Counters {
-  // acked and ack_failures are counted by the subscription's AckTracker.
-  std::atomic<uint64_t> received{0}, retried{0}, dead_lettered{0}, discarded{0}, malformed{0}, max_deliveries{0},
-      handler_errors{0}, nacked_on_stop{0}, dlq_failures{0};
-};
-
-// Acks are pipelined: each "+ACK" goes out with a reply subject under one wildcard inbox and the
-// worker moves on; the server's answer, arriving on cnats' delivery thread, counts the message as
-// acked. An answer that does not come within the JetStream timeout counts as an ack failure (the
-// message will be delivered again). One request-reply round trip per message used to hold a
-// worker for the whole round trip; this keeps the same meaning of "acked" (the server confirmed
-// it) without the wait. Shared with the delivery thread through the subscription's holder, so a
-// late answer after stop() still finds it alive.
-struct AckTracker {
-  struct Pending {
-    std::string event_id;
-    uint64_t sequence = 0;
-    Clock::time_point deadline;
-  };
-
-  std::string durable;
-  std::string inbox;  // replies arrive on inbox + ".<id>"
-  Millis timeout{0};
-  std::atomic<uint64_t> confirmed{0}, failed{0};
-
-  std::mutex mutex;
-  std::condition_variable empty;
-  std::unordered_map<uint64_t, Pending> pending;
-  uint64_t next_id = 0;
-
-  // Registers an ack about to be sent; returns its reply subject.
-  std::string add(std::string event_id, uint64_t sequence) {
-    std::lock_guard lock(mutex);
-    const uint64_t id = ++next_id;
-    pending.emplace(id, Pending{std::move(event_id), sequence, Clock::now() + timeout});
-    return inbox + "." + std::to_string(id);
-  }
-
-  // The answer for `subject` (or the send for it failed: `ok` false).
-  void settle(const char* subject, bool ok, const char* why) {
-    const size_t prefix = inbox.size() + 1;
-    if (subject == nullptr || std::strlen(subject) <= prefix) return;
-    const uint64_t id = std::strtoull(subject + prefix, nullptr, 10);
-    Pending p;
-    {
-      std::lock_guard lock(mutex);
-      auto it = pending.find(id);
-      if (it == pending.end()) return;  // already expired
-      p = std::move(it->second);
-      pending.erase(it);
-      if (pending.empty()) empty.notify_all();
-    }
-    if (ok) {
-      confirmed++;
-    } else {
-      failed++;
-      logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", durable, p.event_id,
-                     p.sequence, why);
-    }
-  }
-
-  // Acks unanswered past their deadline (all of them with `all`) count as failures.
-  void expire(Clock::time_point now, bool all) {
-    std::vector<Pending> late;
-    {
-      std::lock_guard lock(mutex);
-      for (auto it = pending.begin(); it != pending.end();) {
-        if (all || it->second.deadline <= now) {
-          late.push_back(std::move(it->second));
-          it = pending.erase(it);
-        } else {
-          ++it;
-        }
-      }
-      if (pending.empty()) empty.notify_all();
-    }
-    failed += late.size();
-    for (const auto& p : late)
-      logger()->warn("{}: ack of {} (seq {}) not confirmed within {} ms; it will be delivered again", durable,
-                     p.event_id, p.sequence, timeout.count());
-  }
-
-  // Waits until every ack sent so far was answered, or until `until`.
-  bool wait_all(Clock::time_point until) {
-    std::unique_lock lock(mutex);
-    return empty.wait_until(lock, until, [&] { return pending.empty(); });
-  }
-};
-
-void on_ack_reply(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
-  auto& tracker = **static_cast<std::shared_ptr<AckTracker>*>(closure);
-  const bool refused = natsMsg_IsNoResponders(msg);
-  tracker.settle(natsMsg_GetSubject(msg), !refused, "no responders (the consumer is gone)");
-  natsMsg_Destroy(msg);
-}
-
-void on_ack_replies_complete(void* closure) { delete static_cast<std::shared_ptr<AckTracker>*>(closure); }
-
-std::string event_id_of(const std::string& body, const Headers& headers) {
-  try {
-    return Envelope::decode(body).event_id;
-  } catch (...) {
-    // Not an envelope: the publisher's dedup id is the best name we have.
-    auto it = headers.find("Nats-Msg-Id");
-    return it == headers.end() ? std::string() : it->second;
-  }
-}
+using detail::Subscription;
 
 }  // namespace
 
@@ -200,92 +65,12 @@ Verdict ErrorPolicy::decide(const HandlerFailure& failure, const Message& messag
 
 namespace {
 
-// A decision to dead-letter, kept until the DLQ acknowledged the letter.
-struct PendingLetter {
-  DlqReason reason = DlqReason::permanent_error;
-  std::string error_class;
-  std::string error_message;
-};
-
 struct Registration {
   std::string filter;
   bool own_topic = false;
   std::string durable;
   Handler handler;
   SubscriptionOptions options;
-};
-
-// One durable pull consumer with its fetcher, workers and advisory listener.
-struct Subscription {
-  // Settings, fixed before the threads start.
-  std::string filter;
-  std::string durable;
-  std::string stream;
-  // Set on a replay subscription: the durable whose replays it reads (natspubsub-dlq replay).
-  // Its messages are shown to the handler, the inbox and the DLQ under that durable's name.
-  std::string replay_of;
-  int concurrency = 1;
-  int prefetch = 0;
-  uint64_t max_attempts = 1;
-  std::optional<Backoff> backoff;
-  Millis ack_wait{0};
-  Millis in_progress_interval{0};
-  Millis max_in_progress{0};
-  Millis fetch_timeout{0};
-  int64_t max_deliver = 0;
-  int max_ack_pending = 0;
-  ErrorPolicy policy;
-  Next chain;
-
-  detail::SubscriptionPtr pull;
-  detail::SubscriptionPtr advisory;
-  std::shared_ptr<AckTracker> acks = std::make_shared<AckTracker>();
-  detail::SubscriptionPtr ack_replies;  // wildcard on acks->inbox
-
-  std::mutex mutex;
-  std::condition_variable cv;       // the fetcher and stop(): a slot freed, a worker finished
-  std::condition_variable work_cv;  // workers: a message queued, or stop
-  std::deque<DeliveryPtr> queue;     // fetched, not started
-  std::set<DeliveryPtr> outstanding;  // fetched, not finished (queued or running)
-  int running = 0;
-  bool accepting = true;             // false once stop() began: workers start nothing new
-
-  Counters counters;
-  LatencyHistogram latency;
-
-  // ---- protection (circuit breaker, rate limit) ----
-  std::shared_ptr<CircuitBreaker> breaker;
-  std::unique_ptr<RateLimiter> limiter;
-  std::atomic<uint64_t> deferred{0};
-  std::mutex deferrals_mutex;
-  // Stream sequence -> deliveries that were deferrals (circuit not closed), not attempts. In
-  // memory: after a restart a message's earlier deferrals count as attempts again.
-  std::unordered_map<uint64_t, uint64_t> deferrals;
-  // Deliveries past max_attempts that a delivery count may hold without this process having seen
-  // them as deferrals (an earlier process deferred them): kDeferralAllowance with a breaker, else 0.
-  uint64_t unseen_deferral_allowance = 0;
-
-  // Stream sequence -> the dead letter this process decided on but the DLQ did not take (the
-  // message was NAKed). Its next delivery here publishes the same letter again instead of running
-  // the handler. In memory only: elsewhere, or after a restart, the delivery count decides.
-  std::mutex letters_mutex;
-  std::unordered_map<uint64_t, PendingLetter> pending_letters;
-
-  // Last members: destroyed (stopped and joined) first, while the state above still exists.
-  std::jthread fetcher;
-  std::jthread advisor;
-  std::vector<std::jthread> workers;
-
-  [[nodiscard]] int capacity() const { return concurrency + prefetch; }
-  /// The durable that owns the messages: replay_of for a replay subscription.
-  [[nodiscard]] const std::string& owner() const { return replay_of.empty() ? durable : replay_of; }
-  // Under `mutex`. The fetcher pulls once half the slots are free, or as soon as one is free and
-  // no fetched message is waiting for a worker: fewer, larger pulls while a backlog is worked
-  // off, no delay for a worker about to go idle.
-  [[nodiscard]] bool wants_fetch() const {
-    const int free = capacity() - static_cast<int>(outstanding.size());
-    return free > 0 && (free >= std::max(1, capacity() / 2) || queue.empty());
-  }
 };
 
 }  // namespace
@@ -309,608 +94,23 @@ struct Consumer::Impl {
 
   std::vector<std::unique_ptr<Subscription>> subs;  // set once by start(), then only read
   std::atomic<bool> subs_ready{false};              // stats() may read `subs` (set after it)
-  std::jthread ticker;  // +WPI for every outstanding message
+  std::unique_ptr<detail::ProgressTicker> ticker;  // ack expiry and +WPI for every subscription
 
   ~Impl() {
     // Workers inside a handler that outlived stop() are waited for here: a thread is never left
     // running with nobody to join it.
-    ticker = std::jthread();
+    ticker.reset();
     for (auto& s : subs) {
-      s->fetcher = std::jthread();
+      if (s->fetcher) {
+        s->fetcher->request_stop();
+        s->fetcher->join();
+      }
       s->advisor = std::jthread();
       for (auto& w : s->workers) w.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      if (s->queue) s->queue->wake_all();
       s->workers.clear();
     }
     subs.clear();
-  }
-
-  // ---- settling a message ------------------------------------------------------------------
-
-  // Sends one verdict for `d` unless one was sent already; false when nothing was sent.
-  template <typename Send>
-  bool settle(Delivery& d, Send&& send) {
-    std::lock_guard lock(d.mutex);
-    if (d.settled || !d.msg) return false;
-    send(d.msg.get());
-    d.settled = true;
-    d.msg.reset();
-    return true;
-  }
-
-  // Sends "+ACK" with a reply subject and returns at once; "acked" in the stats counts when the
-  // server's answer arrives (AckTracker).
-  void ack(Subscription& s, Delivery& d, const Message& m) {
-    std::string reply_to;
-    natsStatus status = NATS_OK;
-    settle(d, [&](natsMsg* msg) {
-      const char* ack_subject = natsMsg_GetReply(msg);
-      reply_to = s.acks->add(m.envelope.event_id, m.metadata.stream_sequence);
-      status = ack_subject == nullptr ? NATS_INVALID_SUBJECT
-                                      : natsConnection_PublishRequestString(connection->native(), ack_subject,
-                                                                            reply_to.c_str(), "+ACK");
-    });
-    if (!reply_to.empty() && status != NATS_OK)
-      s.acks->settle(reply_to.c_str(), false, detail::last_error_text(status).c_str());
-  }
-
-  bool nak(Delivery& d, Millis delay) {
-    natsStatus status = NATS_OK;
-    const bool sent = settle(d, [&](natsMsg* msg) {
-      status = delay.count() > 0 ? natsMsg_NakWithDelay(msg, delay.count(), nullptr) : natsMsg_Nak(msg, nullptr);
-    });
-    if (sent && status != NATS_OK)
-      logger()->warn("NAK not sent ({}); the message returns after ack_wait", detail::last_error_text(status));
-    return sent;
-  }
-
-  void term(Delivery& d) {
-    natsStatus status = NATS_OK;
-    const bool sent = settle(d, [&](natsMsg* msg) { status = natsMsg_Term(msg, nullptr); });
-    if (sent && status != NATS_OK)
-      logger()->warn("TERM not sent ({}); the message may come once more (its dead letter is deduplicated)",
-                     detail::last_error_text(status));
-  }
-
-  // DLQ publish, PubAck, then TERM; true when the DLQ took it. If the DLQ does not take it, NAK
-  // with the backoff delay and remember the decision (pending_letters): the message stays with the
-  // consumer, and its next delivery here tries the same letter again without the handler. With
-  // the default MaxDeliver (unlimited) the server keeps redelivering for as long as the DLQ
-  // refuses; elsewhere or after a restart, the delivery count past max_attempts sends it here
-  // again (process()).
-  bool dead_letter(Subscription& s, Delivery& d, const Message& m, DlqReason reason, const std::string& error_class,
-                   const std::string& error_message) {
-    DeadLetter letter;
-    letter.original_subject = m.subject;
-    letter.body = m.body;
-    letter.headers = m.headers;
-    if (!s.replay_of.empty()) restore_msg_id(letter.headers);
-    auto& c = letter.context;
-    c.event_id = !m.envelope.event_id.empty() ? m.envelope.event_id : letter.headers["Nats-Msg-Id"];
-    if (c.event_id.empty()) letter.headers.erase("Nats-Msg-Id");
-    c.reason = reason;
-    c.error_class = error_class;
-    c.error_message = error_message;
-    c.deliveries = m.metadata.deliveries;
-    c.original_subject = m.subject;
-    c.stream = m.metadata.stream;
-    c.sequence = m.metadata.stream_sequence;
-    c.consumer = s.owner();
-    if (!s.replay_of.empty()) {
-      // A failed replay points at the original in its stream, and is a new letter (replay_sequence).
-      c.replay_sequence = m.metadata.stream_sequence;
-      std::string subject = m.subject;
-      restore_origin(m.headers, subject, c.stream, c.sequence);
-    }
-    try {
-      auto stored = dlq->publish(letter);
-      term(d);
-      forget_pending_letter(s, m.metadata.stream_sequence);
-      s.counters.dead_lettered++;
-      logger()->error("{}: event {} (seq {}, delivery {}) dead-lettered as {} to {}{}: {}{}{}", s.durable, c.event_id,
-                      c.sequence, c.deliveries, to_string(reason), stored.subject,
-                      stored.duplicate ? " (already there)" : "", error_class, error_class.empty() ? "" : ": ",
-                      error_message);
-      return true;
-    } catch (const std::exception& e) {
-      s.counters.dlq_failures++;
-      bool first_refusal = false;
-      {
-        std::lock_guard lock(s.letters_mutex);
-        // Entries of messages another instance dead-lettered are never erased here; bound the map.
-        // A forgotten entry costs the letter its reason, not its message: the delivery count
-        // still sends it to the DLQ.
-        if (s.pending_letters.size() >= 100000) s.pending_letters.clear();
-        first_refusal = s.pending_letters
-                            .insert_or_assign(m.metadata.stream_sequence, PendingLetter{reason, error_class, error_message})
-                            .second;
-      }
-      const auto delay = s.backoff->delay(std::max<uint64_t>(1, m.metadata.deliveries));
-      nak(d, delay);
-      // An outage refuses every redelivery: the first refusal of a message is the error, the
-      // rest would flood the log.
-      logger()->log(first_refusal ? spdlog::level::err : spdlog::level::debug,
-                    "{}: event {} (seq {}, delivery {}) could not be dead-lettered as {} ({}); NAKed, tried again "
-                    "in {} ms",
-                    s.durable, c.event_id, c.sequence, c.deliveries, to_string(reason), e.what(), delay.count());
-      return false;
-    }
-  }
-
-  static std::optional<PendingLetter> pending_letter_of(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.letters_mutex);
-    auto it = s.pending_letters.find(sequence);
-    if (it == s.pending_letters.end()) return std::nullopt;
-    return it->second;
-  }
-
-  static void forget_pending_letter(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.letters_mutex);
-    s.pending_letters.erase(sequence);
-  }
-
-  // A replay carries where the original was; the handler sees that, not the replay stream. The
-  // delivery itself (ack, NAK, delivery count) stays the replay's.
-  static void restore_origin(const Headers& headers, std::string& subject, std::string& stream, uint64_t& sequence) {
-    auto get = [&](const char* key) -> const std::string* {
-      auto it = headers.find(key);
-      return it == headers.end() || it->second.empty() ? nullptr : &it->second;
-    };
-    if (const auto* v = get(kReplayOriginalSubjectHeader)) subject = *v;
-    const auto* st = get(kReplayOriginalStreamHeader);
-    const auto* sq = get(kReplayOriginalSequenceHeader);
-    if (st != nullptr && sq != nullptr) {
-      uint64_t n = 0;
-      auto [end, ec] = std::from_chars(sq->data(), sq->data() + sq->size(), n);
-      if (ec == std::errc() && end == sq->data() + sq->size()) {
-        stream = *st;
-        sequence = n;
-      }
-    }
-  }
-
-  // A replay's Nats-Msg-Id is its own; the original's travels in x-original-msg-id.
-  static void restore_msg_id(Headers& headers) {
-    auto it = headers.find(kOriginalMsgIdHeader);
-    if (it != headers.end() && !it->second.empty())
-      headers["Nats-Msg-Id"] = it->second;
-    else
-      headers.erase("Nats-Msg-Id");
-    headers.erase(kOriginalMsgIdHeader);
-  }
-
-  // ---- one message ---------------------------------------------------------------------------
-
-  void process(Subscription& s, Delivery& d) {
-    Message m;
-    {
-      // The natsMsg is only read here; no verdict can have been sent before the handler ran.
-      std::lock_guard lock(d.mutex);
-      if (d.settled || !d.msg) return;
-      natsMsg* msg = d.msg.get();
-      m.subject = natsMsg_GetSubject(msg);
-      m.body = body_of(msg);
-      m.headers = read_headers(msg);
-      jsMsgMetaData* meta = nullptr;
-      if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
-        m.metadata.stream = meta->Stream != nullptr ? meta->Stream : "";
-        m.metadata.consumer = meta->Consumer != nullptr ? meta->Consumer : s.durable;
-        m.metadata.stream_sequence = meta->Sequence.Stream;
-        m.metadata.consumer_sequence = meta->Sequence.Consumer;
-        m.metadata.deliveries = meta->NumDelivered;
-        m.metadata.pending = meta->NumPending;
-        m.metadata.timestamp = SystemTime{std::chrono::milliseconds{meta->Timestamp / 1000000}};
-        jsMsgMetaData_Destroy(meta);
-      }
-    }
-    if (!s.replay_of.empty()) {
-      // The handler and the inbox see the failed durable and the original subject; the metadata
-      // stays the replay's own delivery (stream, sequence, delivery count).
-      m.metadata.consumer = s.replay_of;
-      std::string ignored_stream;
-      uint64_t ignored_sequence = 0;
-      restore_origin(m.headers, m.subject, ignored_stream, ignored_sequence);
-    }
-    m.max_attempts = s.max_attempts;
-    m.stop_token = handler_stop.get_token();
-    if (m.metadata.deliveries == 0) {
-      // Without the delivery count there is no safe retry decision; let the server redeliver.
-      logger()->error("{}: message on {} has no JetStream metadata; NAKed", s.durable, m.subject);
-      nak(d, s.backoff->delay(1));
-      return;
-    }
-
-    try {
-      m.envelope = Envelope::decode(m.body);
-    } catch (const std::exception& e) {
-      // Retrying cannot fix a body; the consumer moves on to the next message.
-      if (dead_letter(s, d, m, DlqReason::malformed, current_exception_class(), e.what())) s.counters.malformed++;
-      return;
-    }
-
-    // Decided here earlier, refused by the DLQ: the same letter again, not the handler again.
-    if (auto letter = pending_letter_of(s, m.metadata.stream_sequence)) {
-      dead_letter(s, d, m, letter->reason, letter->error_class, letter->error_message);
-      return;
-    }
-    // Attempts are counted from the server's delivery count, before the handler runs: a delivery
-    // past max_attempts means no earlier one ended in an ack or a stored dead letter (the process
-    // crashed or was killed inside the handler, the handler hung past ack_wait, the DLQ refused
-    // the letter while another process held it; also an ack lost in a reconnect, or a hand-back
-    // on stop, which JetStream counts as deliveries too). It goes to the DLQ without running the
-    // handler again; that is what ends a crash loop, and it needs no advisory from the server.
-    const uint64_t deferred_deliveries = deferrals_of(s, m.metadata.stream_sequence);
-    const uint64_t attempts_before =
-        m.metadata.deliveries - std::min(m.metadata.deliveries - 1, deferred_deliveries) - 1;
-    if (attempts_before >= s.max_attempts + s.unseen_deferral_allowance) {
-      forget_deferrals(s, m.metadata.stream_sequence);
-      const std::string why = "delivered " + std::to_string(m.metadata.deliveries) + " times, " +
-                              std::to_string(attempts_before) + " of them attempts (max_attempts " +
-                              std::to_string(s.max_attempts) +
-                              "), and the handler never gave a verdict: it crashed the process or hung past "
-                              "ack_wait (or a verdict was lost: an ack or a dead letter that did not reach the "
-                              "server, a hand-back on stop)";
-      if (dead_letter(s, d, m, DlqReason::max_deliveries, "", why)) s.counters.max_deliveries++;
-      return;
-    }
-
-    // protection: an open circuit runs no handler; the message waits without spending an attempt.
-    if (s.breaker && !s.breaker->allow()) {
-      defer(s, d, m, "circuit open");
-      return;
-    }
-    m.max_attempts = s.max_attempts + deferred_deliveries;  // so Message::last_attempt() ignores deferrals
-
-    const auto start = Clock::now();
-    std::optional<HandlerFailure> failure;
-    try {
-      // Requests made by the handler carry this message's correlation id (request.hpp).
-      const std::string correlation = m.header(kCorrelationIdHeader);
-      CorrelationScope scope(correlation.empty() ? m.envelope.event_id : correlation);
-      s.chain(m);
-    } catch (const std::exception& e) {
-      failure = HandlerFailure{std::current_exception(), current_exception_class(), e.what()};
-    } catch (...) {
-      failure = HandlerFailure{std::current_exception(), current_exception_class(), "non-standard exception"};
-    }
-    s.latency.record(std::chrono::duration_cast<Micros>(Clock::now() - start));
-
-    {
-      std::lock_guard lock(d.mutex);
-      if (d.abandoned) {
-        logger()->warn("{}: handler for event {} finished after the stop deadline; its message was already handed back",
-                       s.durable, m.envelope.event_id);
-        return;
-      }
-    }
-
-    if (!failure) {
-      if (s.breaker) s.breaker->record_success();
-      forget_deferrals(s, m.metadata.stream_sequence);
-      ack(s, d, m);
-      return;
-    }
-    s.counters.handler_errors++;
-    const Verdict verdict = s.policy.decide(*failure, m);
-    if (s.breaker) {
-      // protection: only a failure worth retrying says something about a dependency. One that
-      // opens the circuit, or comes while it is not closed, defers the message: no attempt spent.
-      if (verdict != Verdict::retry) {
-        s.breaker->record_success();
-      } else {
-        s.breaker->record_failure(failure->message);
-        if (s.breaker->state() != CircuitState::closed) {
-          defer(s, d, m, "failed while the circuit is not closed");
-          return;
-        }
-      }
-    }
-    if (verdict != Verdict::retry) forget_deferrals(s, m.metadata.stream_sequence);
-    switch (verdict) {
-      case Verdict::discard:
-        ack(s, d, m);
-        s.counters.discarded++;
-        logger()->warn("{}: event {} (seq {}) discarded by the error policy after {}: {}", s.durable,
-                       m.envelope.event_id, m.metadata.stream_sequence, failure->error_class, failure->message);
-        return;
-      case Verdict::dead_letter:
-        dead_letter(s, d, m, DlqReason::permanent_error, failure->error_class, failure->message);
-        return;
-      case Verdict::retry:
-        break;
-    }
-    const uint64_t attempt = m.metadata.deliveries - std::min(m.metadata.deliveries, deferred_deliveries);
-    if (attempt >= s.max_attempts) {
-      forget_deferrals(s, m.metadata.stream_sequence);
-      dead_letter(s, d, m, DlqReason::attempts_exhausted, failure->error_class, failure->message);
-      return;
-    }
-    const auto delay = s.backoff->delay(std::max<uint64_t>(1, attempt));
-    if (nak(d, delay)) s.counters.retried++;
-    logger()->warn("{}: event {} (seq {}) attempt {}/{} failed ({}: {}); retry in {} ms", s.durable,
-                   m.envelope.event_id, m.metadata.stream_sequence, attempt, s.max_attempts,
-                   failure->error_class, failure->message, delay.count());
-  }
-
-  // ---- protection: circuit breaker and rate limit -------------------------------------------
-
-  static uint64_t deferrals_of(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.deferrals_mutex);
-    auto it = s.deferrals.find(sequence);
-    return it == s.deferrals.end() ? 0 : it->second;
-  }
-
-  static void forget_deferrals(Subscription& s, uint64_t sequence) {
-    std::lock_guard lock(s.deferrals_mutex);
-    s.deferrals.erase(sequence);
-  }
-
-  // NAKs with the time left until the circuit's next probe: the message waits for the dependency.
-  void defer(Subscription& s, Delivery& d, const Message& m, const char* why) {
-    auto delay = s.breaker->retry_after();
-    if (delay.count() <= 0) delay = s.breaker->options().open_duration;
-    if (!nak(d, delay)) return;
-    s.deferred++;
-    {
-      std::lock_guard lock(s.deferrals_mutex);
-      // Entries of messages another instance finished are never erased here; bound the map.
-      if (s.deferrals.size() >= 100000) s.deferrals.clear();
-      s.deferrals[m.metadata.stream_sequence]++;
-    }
-    logger()->debug("{}: event {} (seq {}) deferred {} ms: {}", s.durable, m.envelope.event_id,
-                    m.metadata.stream_sequence, delay.count(), why);
-  }
-
-  // Shrinks `batch` to what the circuit and the rate limit allow now. False when nothing may be
-  // fetched yet; it has then waited (bounded by kIdleWait) before the caller looks again.
-  bool limit_fetch(Subscription& s, int& batch, const std::stop_token& st) {
-    Millis pause{0};
-    if (s.breaker) {
-      const auto state = s.breaker->state();
-      if (state == CircuitState::open) pause = std::max(Millis{1}, std::min(s.breaker->retry_after(), kIdleWait));
-      if (state == CircuitState::half_open) batch = std::min(batch, s.breaker->options().half_open_probes);
-    }
-    if (pause.count() == 0 && s.limiter) {
-      const int granted = s.limiter->acquire_up_to(batch);
-      if (granted == 0) pause = std::clamp(s.limiter->wait_time(1), Millis{1}, kIdleWait);
-      else batch = granted;
-    }
-    if (pause.count() == 0) return true;
-    std::unique_lock lock(s.mutex);
-    s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); });
-    return false;
-  }
-
-  // ---- threads -------------------------------------------------------------------------------
-
-  void worker_loop(Subscription& s, std::stop_token st) {
-    while (true) {
-      DeliveryPtr d;
-      {
-        std::unique_lock lock(s.mutex);
-        s.work_cv.wait_for(lock, kIdleWait,
-                           [&] { return st.stop_requested() || (s.accepting && !s.queue.empty()); });
-        if (st.stop_requested()) return;
-        if (!s.accepting || s.queue.empty()) continue;
-        d = std::move(s.queue.front());
-        s.queue.pop_front();
-        s.running++;
-      }
-      try {
-        process(s, *d);
-      } catch (...) {
-        // process() guards the handler; this is the last line against a bug of ours.
-        logger()->error("{}: unexpected {} while processing a message; NAKed", s.durable, current_exception_class());
-        nak(*d, s.backoff->delay(1));
-      }
-      bool wake = false;
-      {
-        std::lock_guard lock(s.mutex);
-        s.running--;
-        s.outstanding.erase(d);
-        wake = s.running == 0 || !s.accepting || s.wants_fetch();  // the fetcher, or stop()
-      }
-      if (wake) s.cv.notify_all();
-    }
-  }
-
-  void enqueue(Subscription& s, natsMsgList& list) {
-    const auto now = Clock::now();
-    const int list_count = list.Count;
-    {
-      std::lock_guard lock(s.mutex);
-      for (int i = 0; i < list.Count; ++i) {
-        if (list.Msgs[i] == nullptr) continue;
-        auto d = std::make_shared<Delivery>();
-        d->msg.reset(list.Msgs[i]);
-        list.Msgs[i] = nullptr;  // ours now; natsMsgList_Destroy skips it
-        d->fetched_at = now;
-        d->last_progress = now;
-        s.queue.push_back(d);
-        s.outstanding.insert(std::move(d));
-        s.counters.received++;
-      }
-    }
-    natsMsgList_Destroy(&list);
-    // Wake as many workers as there are new messages, not every thread of the subscription.
-    if (list_count == 1)
-      s.work_cv.notify_one();
-    else if (list_count > 1)
-      s.work_cv.notify_all();
-  }
-
-  void fetch_loop(Subscription& s, std::stop_token st) {
-    auto last_error_log = Clock::time_point{};
-    while (!st.stop_requested()) {
-      int free = 0;
-      {
-        std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested() || s.wants_fetch(); });
-        if (st.stop_requested()) break;
-        free = s.capacity() - static_cast<int>(s.outstanding.size());
-      }
-      if (free <= 0) continue;
-      if (!limit_fetch(s, free, st)) continue;  // protection
-
-      // NoWait with an expiry (nats-server >= 2.9): the pull waits up to fetch_timeout for the
-      // first message, then returns what is there, up to the free slots. A plain waiting pull
-      // would hold a lone message back until the whole batch fills or the pull expires.
-      natsMsgList list{};
-      jsFetchRequest req;
-      jsFetchRequest_Init(&req);
-      req.Batch = free;
-      req.NoWait = true;
-      req.Expires = to_nanos(s.fetch_timeout);
-      const auto pulled_at = Clock::now();
-      const natsStatus status = natsSubscription_FetchRequest(&list, s.pull.get(), &req);
-      // protection: tokens for messages the pull did not bring go back to the bucket.
-      if (s.limiter) s.limiter->release(free - (status == NATS_OK ? list.Count : 0));
-      if (status == NATS_OK) {
-        enqueue(s, list);
-        continue;
-      }
-      natsMsgList_Destroy(&list);
-      if (status == NATS_TIMEOUT || status == NATS_NOT_FOUND) {
-        // An empty answer long before the expiry (a server that ignores the expiry of a NoWait
-        // pull) must not turn this loop into a busy poll.
-        if (Clock::now() - pulled_at < s.fetch_timeout / 2) {
-          std::unique_lock lock(s.mutex);
-          s.cv.wait_for(lock, kIdleWait, [&] { return st.stop_requested(); });
-        }
-        continue;
-      }
-      if (Clock::now() - last_error_log > std::chrono::seconds(10)) {
-        last_error_log = Clock::now();
-        logger()->warn("{}: fetch failed: {}; retrying", s.durable, detail::last_error_text(status));
-      }
-      std::unique_lock lock(s.mutex);
-      s.cv.wait_for(lock, kFetchErrorPause, [&] { return st.stop_requested(); });
-    }
-  }
-
-  void ticker_loop(std::stop_token st) {
-    Millis tick{1000};
-    for (const auto& s : subs) tick = std::min(tick, s->in_progress_interval / 4);
-    tick = std::max(tick, Millis{5});
-    std::mutex m;
-    std::condition_variable_any cv;
-    while (!st.stop_requested()) {
-      {
-        std::unique_lock lock(m);
-        cv.wait_for(lock, st, tick, [] { return false; });
-      }
-      if (st.stop_requested()) return;
-      const auto now = Clock::now();
-      for (auto& sp : subs) {
-        auto& s = *sp;
-        s.acks->expire(now, false);
-        std::vector<DeliveryPtr> current;
-        {
-          std::lock_guard lock(s.mutex);
-          current.assign(s.outstanding.begin(), s.outstanding.end());
-        }
-        for (auto& d : current) {
-          if (now - d->last_progress < s.in_progress_interval) continue;
-          if (now - d->fetched_at >= s.max_in_progress) continue;  // let a hung handler's message go
-          // A worker holding the lock is settling it right now: no signal needed.
-          std::unique_lock lock(d->mutex, std::try_to_lock);
-          if (!lock || d->settled || !d->msg) continue;
-          natsMsg_InProgress(d->msg.get(), nullptr);
-          d->last_progress = now;
-        }
-      }
-    }
-  }
-
-  void advisory_loop(Subscription& s, std::stop_token st) {
-    while (!st.stop_requested()) {
-      natsMsg* raw = nullptr;
-      natsStatus status = natsSubscription_NextMsg(&raw, s.advisory.get(), kAdvisoryPoll.count());
-      if (status == NATS_TIMEOUT) continue;
-      if (status != NATS_OK) {
-        std::unique_lock lock(s.mutex);
-        s.cv.wait_for(lock, kAdvisoryPoll, [&] { return st.stop_requested(); });
-        continue;
-      }
-      detail::MsgPtr advisory(raw);
-      try {
-        handle_max_deliveries(s, body_of(advisory.get()), st);
-      } catch (const std::exception& e) {
-        logger()->error("{}: MAX_DELIVERIES advisory not handled: {}", s.durable, e.what());
-      }
-    }
-  }
-
-  // The server gave up on a message (finite max_deliver only) without a verdict from us. Read it
-  // by sequence and dead-letter it; the DLQ Nats-Msg-Id makes a second writer of the same letter
-  // harmless. If the DLQ refuses it for ~3 s the message stays in its stream, undelivered: that
-  // is the risk a finite max_deliver takes, and why the default is unlimited.
-  void handle_max_deliveries(Subscription& s, const std::string& text, const std::stop_token& st) {
-    auto j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) {
-      logger()->warn("{}: unreadable MAX_DELIVERIES advisory: {}", s.durable, text);
-      return;
-    }
-    const uint64_t seq = j.value("stream_seq", uint64_t{0});
-    const uint64_t deliveries = j.value("deliveries", uint64_t{0});
-    const std::string stream = j.value("stream", s.stream);
-    if (seq == 0) return;
-
-    natsMsg* raw = nullptr;
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    natsStatus status = js_GetMsg(&raw, connection->jetstream(), stream.c_str(), seq, nullptr, &jerr);
-    detail::MsgPtr stored(raw);
-    if (status != NATS_OK) {
-      logger()->error("{}: message {} of stream {} reached MaxDeliver but cannot be read ({}); not dead-lettered",
-                      s.durable, seq, stream, detail::last_error_text(status));
-      return;
-    }
-    DeadLetter letter;
-    letter.original_subject = natsMsg_GetSubject(stored.get());
-    letter.body = body_of(stored.get());
-    letter.headers = read_headers(stored.get());
-    auto& c = letter.context;
-    c.event_id = event_id_of(letter.body, letter.headers);
-    c.reason = DlqReason::max_deliveries;
-    c.error_message = "delivered " + std::to_string(deliveries) +
-                      " times (MaxDeliver) without a verdict: the handler crashed, hung past ack_wait, or its ack was lost";
-    c.deliveries = deliveries;
-    c.original_subject = letter.original_subject;
-    c.stream = stream;
-    c.sequence = seq;
-    c.consumer = s.owner();
-    if (!s.replay_of.empty()) {
-      restore_msg_id(letter.headers);
-      c.event_id = event_id_of(letter.body, letter.headers);
-      c.replay_sequence = seq;
-      restore_origin(letter.headers, letter.original_subject, c.stream, c.sequence);
-    }
-    c.original_subject = letter.original_subject;
-
-    Millis pause{200};
-    for (int attempt = 1; attempt <= kAdvisoryPublishTries; ++attempt) {
-      try {
-        auto r = dlq->publish(letter);
-        if (!r.duplicate) {
-          s.counters.dead_lettered++;
-          s.counters.max_deliveries++;
-        }
-        logger()->error("{}: event {} (seq {}) reached MaxDeliver ({}); dead-lettered to {}{}", s.durable, c.event_id,
-                        seq, deliveries, r.subject, r.duplicate ? " (already there)" : "");
-        return;
-      } catch (const std::exception& e) {
-        logger()->warn("{}: dead-lettering seq {} after MaxDeliver failed (try {}/{}): {}", s.durable, seq, attempt,
-                       kAdvisoryPublishTries, e.what());
-      }
-      std::unique_lock lock(s.mutex);
-      if (s.cv.wait_for(lock, pause, [&] { return st.stop_requested(); })) break;
-      pause *= 2;
-    }
-    s.counters.dlq_failures++;
-    logger()->error("{}: event {} reached MaxDeliver and could not be dead-lettered; it stays in stream {} at "
-                    "sequence {} (the server will not deliver it again)",
-                    s.durable, c.event_id, stream, seq);
   }
 
   void add(std::string filter, bool own, Handler handler, SubscriptionOptions options) {
@@ -936,12 +136,14 @@ struct Consumer::Impl {
 
   // ---- start / stop --------------------------------------------------------------------------
 
-  std::unique_ptr<Subscription> prepare(Topology& topology, const Registration& r) {
+  // `replay_of`: the durable whose replays this subscription reads (empty for a main one).
+  std::unique_ptr<Subscription> prepare(Topology& topology, const Registration& r, const std::string& replay_of = {}) {
     const auto& d = config.consumer;
     const auto& o = r.options;
     auto s = std::make_unique<Subscription>();
     s->filter = r.filter;
     s->durable = r.durable;
+    s->replay_of = replay_of;
     s->concurrency = o.concurrency.value_or(d.concurrency);
     s->prefetch = o.prefetch.value_or(0);
     const int attempts = o.max_attempts.value_or(d.max_attempts);
@@ -986,6 +188,7 @@ struct Consumer::Impl {
     std::vector<Middleware> chain = middleware;
     chain.insert(chain.end(), o.middleware.begin(), o.middleware.end());
     s->chain = compose(chain, r.handler);
+    s->handler_stop = handler_stop.get_token();
 
     ConsumerSpec spec = Topology::consumer_spec(config, r.filter);
     spec.durable = s->durable;
@@ -1007,63 +210,7 @@ struct Consumer::Impl {
                        "the rest is dead-lettered from the MAX_DELIVERIES advisory",
                        s->durable, ensured.max_deliver, s->max_attempts);
     }
-
-    // Bind to the durable we just ensured: cnats must neither create another consumer nor
-    // delete this one when the subscription goes.
-    jsSubOptions so;
-    jsSubOptions_Init(&so);
-    so.Stream = s->stream.c_str();
-    so.Consumer = s->durable.c_str();
-    natsSubscription* pull = nullptr;
-    jsErrCode jerr = static_cast<jsErrCode>(0);
-    natsStatus status = js_PullSubscribe(&pull, connection->jetstream(), s->filter.c_str(), s->durable.c_str(), nullptr,
-                                         &so, &jerr);
-    s->pull.reset(pull);
-    detail::check(status, "binding to consumer " + s->durable + " on stream " + s->stream, jerr);
-
-    s->acks->durable = s->durable;
-    s->acks->timeout = config.connection.jetstream_timeout;
-    {
-      natsInbox* inbox = nullptr;
-      status = natsInbox_Create(&inbox);
-      detail::check(status, "creating the ack inbox of " + s->durable);
-      s->acks->inbox = inbox;
-      natsInbox_Destroy(inbox);
-      const std::string wildcard = s->acks->inbox + ".*";
-      auto* holder = new std::shared_ptr<AckTracker>(s->acks);
-      natsSubscription* replies = nullptr;
-      status = natsConnection_Subscribe(&replies, connection->native(), wildcard.c_str(), on_ack_reply, holder);
-      if (status != NATS_OK) {
-        delete holder;  // no subscription, so no completion callback will free it
-        detail::check(status, "subscribing to the ack answers of " + s->durable);
-      }
-      s->ack_replies.reset(replies);
-      if (natsSubscription_SetOnCompleteCB(replies, on_ack_replies_complete, holder) != NATS_OK)
-        logger()->warn("{}: completion callback not set; a few bytes stay allocated", s->durable);
-    }
-
-    if (options.capture_max_deliveries && s->max_deliver > 0) {
-      // Only a finite max_deliver (set by the user) lets the server stop delivering a message the
-      // runtime has not settled: a DLQ outage that outlasts the deliveries left, or, with a circuit
-      // breaker, deferrals past it. The advisory is then the one chance left to dead-letter it; it
-      // is sent once, on core NATS, to whoever listens then, so it is a best effort. With the
-      // default (unlimited) no advisory is ever sent, and nothing subscribes.
-      // A queue group: of all instances sharing the durable, one handles each advisory.
-      const std::string subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + s->stream + "." + s->durable;
-      const std::string queue = "natspubsub-dlq-" + s->durable;
-      natsSubscription* adv = nullptr;
-      status = natsConnection_QueueSubscribeSync(&adv, connection->native(), subject.c_str(), queue.c_str());
-      s->advisory.reset(adv);
-      detail::check(status, "subscribing to " + subject);
-    }
-    logger()->info("subscription {} -> consumer {} on stream {}: concurrency {}, prefetch {}, max_attempts {}, "
-                   "backoff {}, ack_wait {} ms, max_deliver {}",
-                   s->filter, s->durable, s->stream, s->concurrency, s->prefetch, s->max_attempts,
-                   s->backoff->describe(), s->ack_wait.count(), s->max_deliver);
-    if (s->breaker || s->limiter)
-      logger()->info("subscription {}: circuit breaker {}, rate limit {}", s->filter,
-                     s->breaker ? s->breaker->options().name : "none",
-                     s->limiter ? fmt::format("{}/s", s->limiter->options().rate) : std::string("none"));
+    s->bind(*connection, *dlq, config.connection.jetstream_timeout, options.capture_max_deliveries);
     return s;
   }
 
@@ -1127,9 +274,7 @@ struct Consumer::Impl {
         rr.options.max_ack_pending.reset();
         rr.options.rate_limit.reset();
         try {
-          auto s = prepare(topology, rr);
-          s->replay_of = main.durable;
-          prepared.push_back(std::move(s));
+          prepared.push_back(prepare(topology, rr, main.durable));
         } catch (const Error& e) {
           logger()->warn("{}: replay route not available ({}): its replays need natspubsub-dlq --to-subject",
                          main.durable, e.what());
@@ -1141,14 +286,8 @@ struct Consumer::Impl {
     subs_ready.store(true, std::memory_order_release);
     started = true;
     running = true;
-    for (auto& sp : subs) {
-      auto* s = sp.get();
-      for (int i = 0; i < s->concurrency; ++i)
-        s->workers.emplace_back([this, s](std::stop_token st) { worker_loop(*s, st); });
-      s->fetcher = std::jthread([this, s](std::stop_token st) { fetch_loop(*s, st); });
-      if (s->advisory) s->advisor = std::jthread([this, s](std::stop_token st) { advisory_loop(*s, st); });
-    }
-    ticker = std::jthread([this](std::stop_token st) { ticker_loop(st); });
+    for (auto& s : subs) s->start();
+    ticker = std::make_unique<detail::ProgressTicker>(subs);
   }
 
   StopReport stop(Millis deadline) {
@@ -1161,63 +300,40 @@ struct Consumer::Impl {
     // listener (bounded by its poll). Workers keep taking what the last pull brought meanwhile:
     // handing a message back costs it a delivery, running it on an idle worker does not.
     for (auto& s : subs) {
-      s->fetcher.request_stop();
+      s->fetcher->request_stop();
       s->advisor.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
     for (auto& s : subs) {
-      if (s->fetcher.joinable()) s->fetcher.join();
+      s->fetcher->join();
       if (s->advisor.joinable()) s->advisor.join();
     }
 
     // 2. From here workers start nothing new.
-    for (auto& s : subs) {
-      std::lock_guard l(s->mutex);
-      s->accepting = false;
-    }
+    for (auto& s : subs) s->queue->close();
 
     // 3. Fetched but not started: NAK without delay, so another instance has them at once.
     uint64_t running_at_stop = 0;
     for (auto& s : subs) {
-      std::deque<DeliveryPtr> unstarted;
-      {
-        std::lock_guard l(s->mutex);
-        unstarted.swap(s->queue);
-        for (const auto& d : unstarted) s->outstanding.erase(d);
-        running_at_stop += static_cast<uint64_t>(s->running);
-      }
+      uint64_t running = 0;
+      auto unstarted = s->queue->take_unstarted(running);
+      running_at_stop += running;
       for (auto& d : unstarted) {
-        if (nak(*d, Millis{0})) {
+        if (d->nak(Millis{0})) {
           s->counters.nacked_on_stop++;
           report.nacked_unstarted++;
         }
       }
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
 
     // 4. Running handlers finish (and ack or NAK) until the deadline.
-    for (auto& s : subs) {
-      std::unique_lock l(s->mutex);
-      s->cv.wait_until(l, until, [&] { return s->running == 0; });
-    }
+    for (auto& s : subs) s->queue->wait_idle(until);
 
     // 5. Past the deadline: ask handlers to give up and hand their messages back now.
     for (auto& s : subs) {
-      std::vector<DeliveryPtr> stuck;
-      {
-        std::lock_guard l(s->mutex);
-        stuck.assign(s->outstanding.begin(), s->outstanding.end());
-      }
-      for (auto& d : stuck) {
-        std::lock_guard dl(d->mutex);
-        if (d->settled || !d->msg) continue;
-        natsMsg_Nak(d->msg.get(), nullptr);
-        d->settled = true;
-        d->abandoned = true;
-        d->msg.reset();
-        report.abandoned++;
+      for (auto& d : s->queue->outstanding()) {
+        if (d->abandon()) report.abandoned++;
       }
     }
     if (report.abandoned > 0) {
@@ -1232,15 +348,14 @@ struct Consumer::Impl {
     // 6. Threads end. Workers still inside a handler are joined by the destructor.
     for (auto& s : subs) {
       for (auto& w : s->workers) w.request_stop();
-      s->cv.notify_all();
-      s->work_cv.notify_all();
+      s->queue->wake_all();
     }
     if (!workers_stuck) {
       for (auto& s : subs)
         for (auto& w : s->workers)
           if (w.joinable()) w.join();
     }
-    ticker = std::jthread();
+    ticker.reset();
 
     // 7. Acks and NAKs are on the wire before the subscriptions go; the durables stay. The
     // server's answers to the acks are awaited as a synchronous ack would have been: up to the
@@ -1250,7 +365,7 @@ struct Consumer::Impl {
     for (auto& s : subs) {
       s->acks->wait_all(answers_by);
       s->acks->expire(Clock::now(), true);
-      s->ack_replies.reset();
+      s->acks->close();
       s->advisory.reset();
       s->pull.reset();
     }
@@ -1258,35 +373,6 @@ struct Consumer::Impl {
     logger()->info("consumer stopped: {} handed back unstarted, {} finished, {} abandoned", report.nacked_unstarted,
                    report.finished, report.abandoned);
     return report;
-  }
-
-  SubscriptionStats stats_of(Subscription& s) const {
-    SubscriptionStats out;
-    out.subject = s.filter;
-    out.durable = s.durable;
-    out.stream = s.stream;
-    const auto& c = s.counters;
-    out.received = c.received;
-    out.acked = s.acks->confirmed;
-    out.retried = c.retried;
-    out.dead_lettered = c.dead_lettered;
-    out.discarded = c.discarded;
-    out.malformed = c.malformed;
-    out.max_deliveries = c.max_deliveries;
-    out.handler_errors = c.handler_errors;
-    out.nacked_on_stop = c.nacked_on_stop;
-    out.ack_failures = s.acks->failed;
-    out.dlq_failures = c.dlq_failures;
-    {
-      std::lock_guard lock(s.mutex);
-      out.in_flight = s.outstanding.size();
-      out.running = static_cast<uint64_t>(s.running);
-    }
-    out.latency = s.latency.snapshot();
-    out.deferred = s.deferred;  // protection
-    if (s.breaker) out.circuit = s.breaker->stats();
-    if (s.limiter) out.rate_limit = s.limiter->stats();
-    return out;
   }
 };
 
@@ -1335,7 +421,7 @@ std::vector<SubscriptionStats> Consumer::stats() const {
   std::vector<SubscriptionStats> out;
   if (!impl_->subs_ready.load(std::memory_order_acquire)) return out;  // before start(): nothing yet
   for (const auto& s : impl_->subs) {
-    if (s->replay_of.empty()) out.push_back(impl_->stats_of(*s));  // replay routes: by name only
+    if (s->replay_of.empty()) out.push_back(s->stats());  // replay routes: by name only
   }
   return out;
 }
@@ -1344,7 +430,7 @@ SubscriptionStats Consumer::stats(std::string_view durable) const {
   if (!impl_->subs_ready.load(std::memory_order_acquire))
     throw ConfigError("durable", "no running subscription has durable \"" + std::string(durable) + "\" (not started)");
   for (const auto& s : impl_->subs) {
-    if (s->durable == durable) return impl_->stats_of(*s);
+    if (s->durable == durable) return s->stats();
   }
   throw ConfigError("durable", "no running subscription has durable \"" + std::string(durable) + "\"");
 }
