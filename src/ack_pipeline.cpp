@@ -50,12 +50,11 @@ void AckTracker::settle(const char* subject, bool ok, const char* why) {
     if (it == pending_.end()) return;  // already expired
     p = std::move(it->second);
     pending_.erase(it);
+    // Counted before wait_all() can return: stop() and stats() then see every answer.
+    (ok ? confirmed_ : failed_)++;
     if (pending_.empty()) empty_.notify_all();
   }
-  if (ok) {
-    confirmed_++;
-  } else {
-    failed_++;
+  if (!ok) {
     logger()->warn("{}: ack of {} (seq {}) not confirmed: {}; it will be delivered again", durable_, p.event_id,
                    p.sequence, why);
   }
@@ -73,9 +72,9 @@ void AckTracker::expire(Clock::time_point now, bool all) {
         ++it;
       }
     }
+    failed_ += late.size();
     if (pending_.empty()) empty_.notify_all();
   }
-  failed_ += late.size();
   for (const auto& p : late)
     logger()->warn("{}: ack of {} (seq {}) not confirmed within {} ms; it will be delivered again", durable_,
                    p.event_id, p.sequence, timeout_.count());
