@@ -221,7 +221,7 @@ std::vector<Result> run_relay_postgres_keys(Context& ctx) {
 std::vector<Result> run_relay_postgres_scaling(Context& ctx) {
   const auto& s = ctx.settings();
   auto load = load_average();
-  const int rows = s.quick ? 5000 : 2 * s.relay_rows;
+  const int rows = s.quick ? 2000 : 2 * s.relay_rows;
   constexpr int kKeys = 100;
   Connection nats(bench_config(ctx.nats_url()));
   const auto stream = ensure_bench_stream(nats);

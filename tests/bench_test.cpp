@@ -54,11 +54,11 @@ TEST_CASE("--quick --json: one well-formed object per scenario, ratio = library 
   const auto expected = lines_of(list.output);
 
   const auto started = std::chrono::steady_clock::now();
-  auto r = natspubsub::testing::run_command(kBench + " --quick --json", std::chrono::seconds(55));
+  auto r = natspubsub::testing::run_command(kBench + " --quick --json", std::chrono::seconds(150));
   const auto took = std::chrono::steady_clock::now() - started;
   INFO("stderr: " << r.error);
   REQUIRE(r.status == 0);
-  CHECK(took < std::chrono::seconds(60));
+  CHECK(took < std::chrono::seconds(150));  // seconds per scenario, also under ASan on 2 busy cores
 
   std::map<std::string, int> seen;
   for (const auto& line : lines_of(r.output)) {
