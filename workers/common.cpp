@@ -1,9 +1,12 @@
 #include "common.hpp"
 
+#include <cctype>
+
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <natspubsub/features.hpp>
 #include <natspubsub/log.hpp>
 
 namespace natspubsub::workers {
@@ -115,6 +118,22 @@ void setup_logging(const std::string& format, const std::string& tool_name) {
   }
   natspubsub::set_logger(lib);
   spdlog::set_default_logger(tool);
+}
+
+bool refuse_postgres_without_support(const std::string& database_url, const std::string& tool_name) {
+#if NATSPUBSUB_HAS_POSTGRES
+  (void)database_url;
+  (void)tool_name;
+  return false;
+#else
+  auto lower = database_url.substr(0, 13);
+  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (!lower.starts_with("postgres://") && !lower.starts_with("postgresql://")) return false;
+  spdlog::error("{}: this build has no PostgreSQL support (built with NATSPUBSUB_WITH_POSTGRES=OFF); "
+                "give a sqlite:// database URL",
+                tool_name);
+  return true;
+#endif
 }
 
 }  // namespace natspubsub::workers

@@ -37,4 +37,9 @@ struct NatsFlags {
 /// "text" (default) or "json": the library's logger and the tool's lines go to stderr in that format.
 void setup_logging(const std::string& format, const std::string& tool_name);
 
+/// A library built without PostgreSQL (NATSPUBSUB_WITH_POSTGRES=OFF) and a postgres:// or
+/// postgresql:// `database_url`: logs one line saying so (without the URL, which may hold a
+/// password) and returns true; the tool then exits kExitUsage. Always false with PostgreSQL.
+[[nodiscard]] bool refuse_postgres_without_support(const std::string& database_url, const std::string& tool_name);
+
 }  // namespace natspubsub::workers

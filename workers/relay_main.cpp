@@ -157,6 +157,7 @@ int main(int argc, char** argv) {
     spdlog::error("--database is required (or NATSPUBSUB_DATABASE_URL, or DATABASE_URL)");
     return kExitUsage;
   }
+  if (refuse_postgres_without_support(database_url, "natspubsub-relay")) return kExitUsage;
   std::string listening_ports;
   if (!metrics_addr.empty()) {
     try {
