@@ -68,14 +68,19 @@ void log_progress(std::stop_token stop, std::chrono::seconds interval, const Out
     }
     if (stop.stop_requested()) return;
     auto s = relay.stats();
+    const nlohmann::json counts = {{"published", s.published - last_published},
+                                   {"published_total", s.published},
+                                   {"interval_s", interval.count()}};
     try {
       auto o = outbox();
-      spdlog::info("progress: {} published in the last {} s ({} since start), {} pending, oldest pending {:.1f} s, {} failed",
-                   s.published - last_published, interval.count(), s.published, o.pending,
-                   o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0, o.failed);
+      const double oldest_s = o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0;
+      auto fields = counts;
+      fields.update({{"pending", o.pending}, {"oldest_pending_s", oldest_s}, {"failed", o.failed}});
+      log_info(fields, "progress: {} published in the last {} s ({} since start), {} pending, oldest pending {:.1f} s, {} failed",
+               s.published - last_published, interval.count(), s.published, o.pending, oldest_s, o.failed);
     } catch (const std::exception& e) {
-      spdlog::info("progress: {} published in the last {} s ({} since start); outbox figures unavailable: {}",
-                   s.published - last_published, interval.count(), s.published, e.what());
+      log_info(counts, "progress: {} published in the last {} s ({} since start); outbox figures unavailable: {}",
+               s.published - last_published, interval.count(), s.published, e.what());
     }
     last_published = s.published;
   }
@@ -183,6 +188,9 @@ int main(int argc, char** argv) {
     return kExitConfig;
   }
 
+  // JSON log lines from here on name the application (and, once the relay exists, the relay).
+  set_log_fields({{"app", config.app}, {"env", config.env}});
+
   std::unique_ptr<store::Database> db;
   try {
     // Only a run that migrates may create a SQLite file: with --no-migrate a mistyped path is refused.
@@ -233,6 +241,7 @@ int main(int argc, char** argv) {
     return kExitConfig;
   }
   auto& relay = *relay_ptr;
+  set_log_fields({{"relay_id", relay.relay_id()}, {"app", config.app}, {"env", config.env}});
   try {
     // One extra database handle for the health check and the metrics endpoint: the relay's own
     // belongs to its thread.
@@ -282,8 +291,10 @@ int main(int argc, char** argv) {
     if (once) {
       auto n = relay.drain(signals.token());
       auto s = relay.stats();
-      spdlog::info("relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed", n, s.published,
-                   s.duplicates, s.retried, s.failed);
+      log_info({{"rows", n}, {"published", s.published}, {"duplicates", s.duplicates}, {"rescheduled", s.retried},
+                {"failed", s.failed}, {"released", s.released}, {"batches", s.batches}},
+               "relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed", n, s.published,
+               s.duplicates, s.retried, s.failed);
     } else {
       relay.run(signals.token());
     }
