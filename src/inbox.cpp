@@ -2,8 +2,11 @@
 
 #include <algorithm>
 
-#include <natspubsub/store/postgres.hpp>
+#include <natspubsub/features.hpp>
 #include <natspubsub/store/sqlite.hpp>
+#if NATSPUBSUB_HAS_POSTGRES
+#include <natspubsub/store/postgres.hpp>
+#endif
 
 #include "store/inbox_internal.hpp"
 #include "store/outbox_internal.hpp"
@@ -27,7 +30,11 @@ std::unique_ptr<Inbox> make_inbox(store::Database& db) {
   if (db.backend() == store::Backend::sqlite) {
     return detail::make_sqlite_inbox(dynamic_cast<store::SqliteDatabase&>(db));
   }
+#if NATSPUBSUB_HAS_POSTGRES
   return detail::make_postgres_inbox(dynamic_cast<store::PostgresDatabase&>(db));
+#else
+  throw store::DatabaseError("this build of natspubsub has no PostgreSQL support");
+#endif
 }
 
 namespace detail {

@@ -2,23 +2,30 @@
 
 #include <algorithm>
 
+#include <natspubsub/features.hpp>
+#include <natspubsub/store/sqlite.hpp>
+
+#if NATSPUBSUB_HAS_POSTGRES
 #include <pqxx/dbtransaction>
 
 #include <natspubsub/store/postgres.hpp>
-#include <natspubsub/store/sqlite.hpp>
+
+#include "store/postgres_exec.hpp"
+#endif
 
 #include "store/logger.hpp"
 #include "store/outbox_internal.hpp"
-#include "store/postgres_exec.hpp"
 
 namespace natspubsub {
 
 namespace {
 
+#if NATSPUBSUB_HAS_POSTGRES
 // Class id of the transaction-scoped advisory lock enqueue takes per partition key (the object
 // id is hashtext(key)); "NPSB" in ASCII. Distinct from the single-bigint locks of the claim and
 // the migration runner, which live in another key space.
 constexpr std::int32_t kPartitionLockClass = 0x4e505342;
+#endif
 
 constexpr std::string_view kInsert =
     "INSERT INTO natspubsub_outbox (event_id, subject, payload, headers, partition_key) "
@@ -56,6 +63,7 @@ void validate(const OutboxMessage& m) {
 
 }  // namespace
 
+#if NATSPUBSUB_HAS_POSTGRES
 std::int64_t enqueue(pqxx::dbtransaction& txn, const OutboxMessage& message) {
   validate(message);
   pqxx::transaction_base& base = txn;
@@ -70,6 +78,7 @@ std::int64_t enqueue(pqxx::dbtransaction& txn, const OutboxMessage& message) {
       {message.event_id, message.subject, message.payload, message.headers.dump(), message.partition_key}));
   return rows.at(0).as_int(0);
 }
+#endif
 
 std::int64_t enqueue(store::SqliteTransaction& txn, const OutboxMessage& message) {
   validate(message);
@@ -80,8 +89,12 @@ std::int64_t enqueue(store::SqliteTransaction& txn, const OutboxMessage& message
 }
 
 std::int64_t enqueue(store::Transaction& txn, const OutboxMessage& message) {
+#if NATSPUBSUB_HAS_POSTGRES
   if (txn.backend() == store::Backend::sqlite) return enqueue(txn.sqlite(), message);
   return enqueue(txn.postgres(), message);
+#else
+  return enqueue(txn.sqlite(), message);
+#endif
 }
 
 std::string_view to_string(OutboxStatus status) noexcept {
@@ -106,7 +119,11 @@ std::unique_ptr<OutboxStore> make_outbox_store(store::Database& db) {
   if (db.backend() == store::Backend::sqlite) {
     return detail::make_sqlite_outbox_store(dynamic_cast<store::SqliteDatabase&>(db));
   }
+#if NATSPUBSUB_HAS_POSTGRES
   return detail::make_postgres_outbox_store(dynamic_cast<store::PostgresDatabase&>(db));
+#else
+  throw store::DatabaseError("this build of natspubsub has no PostgreSQL support");
+#endif
 }
 
 namespace detail {

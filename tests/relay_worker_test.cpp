@@ -17,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <regex>
+#include <sstream>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -551,6 +552,106 @@ TEST_CASE("--metrics-addr :PORT: promtool accepts /metrics; /livez stays 200 and
   // A progress line every --progress-interval seconds; text timestamps carry the UTC offset.
   CHECK(relay_log.find("progress: ") != std::string::npos);
   CHECK(std::regex_search(relay_log, std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:?\d\d )")));
+}
+
+TEST_CASE("--log-format json: every line is one JSON object; relay id, app, env and the counts are fields") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto db = (dir.path() / "outbox.db").string();
+  const std::vector<std::string> common{"--database", "sqlite://" + db, "--nats", server.url(), "--env", "test",
+                                        "--app", "orders", "--relay-id", "relay-json-1", "--log-format", "json"};
+  auto insert = [&](int first, int n) {
+    std::string sql;
+    for (int i = first; i < first + n; ++i) {
+      sql += "INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES ('json-" + std::to_string(i) +
+             "', 'test.orders.order.created', '{}');";
+    }
+    REQUIRE(testing::run_command("sqlite3 " + sh_quote(db) + " \"" + sql + "\"").status == 0);
+  };
+  // Every line parses, has the four fixed members, and names the application; returns them all.
+  auto parse_lines = [](const std::string& text) {
+    std::vector<nlohmann::json> out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      INFO(line);
+      auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      REQUIRE(j.is_object());
+      for (const char* key : {"time", "level", "logger", "msg"}) CHECK_MESSAGE(j.contains(key), key);
+      CHECK(j.value("app", "") == "orders");
+      CHECK(j.value("env", "") == "test");
+      out.push_back(std::move(j));
+    }
+    return out;
+  };
+
+  // A running relay: its progress lines carry the figures they print.
+  auto log = (dir.path() / "relay.log").string();
+  pid_t pid = spawn([&] {
+    auto args = common;
+    args.insert(args.end(), {"--progress-interval", "1", "--poll-interval", "50"});
+    return args;
+  }(), log);
+  // Started (so migrated): the library's line, which carries the relay's fields too.
+  REQUIRE_MESSAGE(eventually([&] { return testing::run_command("cat " + log).output.find("started") != std::string::npos; }, 15s),
+                  testing::run_command("cat " + log).output);
+  insert(1, 3);
+  CHECK(eventually([&] { return count(db, "status = 'sent'") == 3; }, 15s));
+  auto progress_with_all = [&] {
+    return testing::run_command("cat " + log).output.find(R"("published_total":3)") != std::string::npos;
+  };
+  CHECK(eventually(progress_with_all, 10s));
+  kill(pid, SIGTERM);
+  CHECK(wait_exit(pid, 15s) == 0);
+  auto running = testing::run_command("cat " + log).output;
+  INFO(running);
+  int progress_lines = 0;
+  bool saw_all = false;
+  for (const auto& j : parse_lines(running)) {
+    if (j["msg"].get<std::string>().starts_with("outbox relay relay-json-1 started")) {
+      CHECK(j.value("relay_id", "") == "relay-json-1");  // the library's lines carry it too
+    }
+    if (!j["msg"].get<std::string>().starts_with("progress: ")) continue;
+    ++progress_lines;
+    CHECK(j.value("relay_id", "") == "relay-json-1");
+    CHECK(j.value("logger", "") == "natspubsub-relay");
+    CHECK(j.value("interval_s", -1) == 1);
+    for (const char* key : {"published", "published_total", "pending", "failed", "oldest_pending_s"}) {
+      CHECK_MESSAGE(j.contains(key), key);
+      CHECK_MESSAGE(j[key].is_number(), key);
+    }
+    CHECK(j.value("failed", -1) == 0);
+    if (j.value("published_total", -1) == 3) {
+      saw_all = true;
+      CHECK(j.value("pending", -1) == 0);
+      CHECK(j["msg"].get<std::string>().find("(3 since start), 0 pending") != std::string::npos);
+    }
+  }
+  CHECK(progress_lines >= 1);
+  CHECK(saw_all);
+
+  // --once: the summary line's counts.
+  insert(4, 2);
+  auto once_args = common;
+  once_args.push_back("--once");
+  auto once_log = (dir.path() / "once.log").string();
+  CHECK(wait_exit(spawn(once_args, once_log), 30s) == 0);
+  auto once = testing::run_command("cat " + once_log).output;
+  INFO(once);
+  bool saw_summary = false;
+  for (const auto& j : parse_lines(once)) {
+    if (!j["msg"].get<std::string>().starts_with("relayed ")) continue;
+    saw_summary = true;
+    CHECK(j.value("relay_id", "") == "relay-json-1");
+    CHECK(j.value("rows", -1) == 2);
+    CHECK(j.value("published", -1) == 2);
+    CHECK(j.value("duplicates", -1) == 0);
+    CHECK(j.value("rescheduled", -1) == 0);
+    CHECK(j.value("failed", -1) == 0);
+    CHECK(j.value("released", -1) == 0);
+    CHECK(j.value("batches", -1) >= 1);
+  }
+  CHECK(saw_summary);
+  CHECK(count(db, "status = 'sent'") == 5);
 }
 
 TEST_CASE("start-up checks: each refusal is one line with a documented exit code") {

@@ -1,9 +1,15 @@
 #include "common.hpp"
 
+#include <atomic>
+#include <cctype>
+#include <memory>
+#include <string_view>
+
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <natspubsub/features.hpp>
 #include <natspubsub/log.hpp>
 
 namespace natspubsub::workers {
@@ -91,10 +97,32 @@ class JsonEscapedMessage : public spdlog::custom_flag_formatter {
   }
 };
 
+// The fields of set_log_fields and ScopedLogFields, each kept serialised as `,"k":v,...` (the
+// object's dump without its braces), so formatting a line copies text and parses nothing.
+std::atomic<std::shared_ptr<const std::string>> process_fields{std::make_shared<const std::string>()};
+thread_local std::string line_fields;
+
+std::string as_members(const nlohmann::json& fields) {
+  if (!fields.is_object() || fields.empty()) return {};
+  auto text = fields.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return "," + text.substr(1, text.size() - 2);
+}
+
+// %& in a pattern: the process's and the line's fields, as more members of the JSON object.
+class JsonFields : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg&, const std::tm&, spdlog::memory_buf_t& dest) override {
+    const auto fields = process_fields.load();
+    dest.append(std::string_view(*fields));
+    dest.append(std::string_view(line_fields));
+  }
+  [[nodiscard]] std::unique_ptr<custom_flag_formatter> clone() const override { return std::make_unique<JsonFields>(); }
+};
+
 std::unique_ptr<spdlog::formatter> json_formatter() {
   auto f = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
-  f->add_flag<JsonEscapedMessage>('*').set_pattern(
-      R"({"time":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","logger":"%n","msg":"%*"})");
+  f->add_flag<JsonEscapedMessage>('*').add_flag<JsonFields>('&').set_pattern(
+      R"({"time":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","logger":"%n","msg":"%*"%&})");
   return f;
 }
 
@@ -115,6 +143,32 @@ void setup_logging(const std::string& format, const std::string& tool_name) {
   }
   natspubsub::set_logger(lib);
   spdlog::set_default_logger(tool);
+}
+
+void set_log_fields(const nlohmann::json& fields) {
+  process_fields.store(std::make_shared<const std::string>(as_members(fields)));
+}
+
+ScopedLogFields::ScopedLogFields(const nlohmann::json& fields) : previous_(std::move(line_fields)) {
+  line_fields = previous_ + as_members(fields);
+}
+
+ScopedLogFields::~ScopedLogFields() { line_fields = std::move(previous_); }
+
+bool refuse_postgres_without_support(const std::string& database_url, const std::string& tool_name) {
+#if NATSPUBSUB_HAS_POSTGRES
+  (void)database_url;
+  (void)tool_name;
+  return false;
+#else
+  auto lower = database_url.substr(0, 13);
+  for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (!lower.starts_with("postgres://") && !lower.starts_with("postgresql://")) return false;
+  spdlog::error("{}: this build has no PostgreSQL support (built with NATSPUBSUB_WITH_POSTGRES=OFF); "
+                "give a sqlite:// database URL",
+                tool_name);
+  return true;
+#endif
 }
 
 }  // namespace natspubsub::workers

@@ -511,6 +511,7 @@ void show_entry(const DlqEntry& e, bool json) {
 
 int outbox_command(const std::string& database_url, bool list_parsed, bool json, size_t limit, bool all,
                    const std::vector<int64_t>& ids) {
+  if (refuse_postgres_without_support(database_url, "natspubsub-dlq")) return kExitUsage;
   std::unique_ptr<store::Database> db;
   try {
     // An operator's tool must not create a database: a mistyped SQLite path is an error.

@@ -68,14 +68,19 @@ void log_progress(std::stop_token stop, std::chrono::seconds interval, const Out
     }
     if (stop.stop_requested()) return;
     auto s = relay.stats();
+    const nlohmann::json counts = {{"published", s.published - last_published},
+                                   {"published_total", s.published},
+                                   {"interval_s", interval.count()}};
     try {
       auto o = outbox();
-      spdlog::info("progress: {} published in the last {} s ({} since start), {} pending, oldest pending {:.1f} s, {} failed",
-                   s.published - last_published, interval.count(), s.published, o.pending,
-                   o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0, o.failed);
+      const double oldest_s = o.oldest_unsent_age ? static_cast<double>(o.oldest_unsent_age->count()) / 1000.0 : 0.0;
+      auto fields = counts;
+      fields.update({{"pending", o.pending}, {"oldest_pending_s", oldest_s}, {"failed", o.failed}});
+      log_info(fields, "progress: {} published in the last {} s ({} since start), {} pending, oldest pending {:.1f} s, {} failed",
+               s.published - last_published, interval.count(), s.published, o.pending, oldest_s, o.failed);
     } catch (const std::exception& e) {
-      spdlog::info("progress: {} published in the last {} s ({} since start); outbox figures unavailable: {}",
-                   s.published - last_published, interval.count(), s.published, e.what());
+      log_info(counts, "progress: {} published in the last {} s ({} since start); outbox figures unavailable: {}",
+               s.published - last_published, interval.count(), s.published, e.what());
     }
     last_published = s.published;
   }
@@ -118,10 +123,15 @@ bool drain_once(OutboxRelay& relay, const std::function<OutboxStats()>& outbox_s
     next = left.next_due_in->count() == 0 ? "next due now"
                                           : fmt::format("next due in {:.1f} s", left.next_due_in->count() / 1000.0);
   }
-  spdlog::info("relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed; left in the outbox: {} "
-               "pending ({}), {} publishing, {} failed",
-               handled, s.published, s.duplicates, s.retried, s.failed, left.pending, next, left.publishing,
-               left.failed);
+  nlohmann::json fields = {{"rows", handled},          {"published", s.published}, {"duplicates", s.duplicates},
+                            {"rescheduled", s.retried},  {"failed", s.failed},       {"released", s.released},
+                            {"batches", s.batches},      {"left_pending", left.pending},
+                            {"left_publishing", left.publishing}, {"left_failed", left.failed}};
+  if (left.next_due_in) fields["next_due_s"] = left.next_due_in->count() / 1000.0;
+  log_info(fields,
+           "relayed {} row(s): {} published ({} duplicates), {} rescheduled, {} failed; left in the outbox: {} "
+           "pending ({}), {} publishing, {} failed",
+           handled, s.published, s.duplicates, s.retried, s.failed, left.pending, next, left.publishing, left.failed);
   if (gave_up)
     spdlog::error("NATS was unavailable for {} s (disconnected or no stream answering): {} row(s) still pending, "
                   "exiting with code 5",
@@ -213,6 +223,7 @@ int main(int argc, char** argv) {
     spdlog::error("--database is required (or NATSPUBSUB_DATABASE_URL, or DATABASE_URL)");
     return kExitUsage;
   }
+  if (refuse_postgres_without_support(database_url, "natspubsub-relay")) return kExitUsage;
   std::string listening_ports;
   if (!metrics_addr.empty()) {
     try {
@@ -237,6 +248,9 @@ int main(int argc, char** argv) {
     spdlog::error("{}", e.what());
     return kExitConfig;
   }
+
+  // JSON log lines from here on name the application (and, once the relay exists, the relay).
+  set_log_fields({{"app", config.app}, {"env", config.env}});
 
   std::unique_ptr<store::Database> db;
   try {
@@ -288,6 +302,7 @@ int main(int argc, char** argv) {
     return kExitConfig;
   }
   auto& relay = *relay_ptr;
+  set_log_fields({{"relay_id", relay.relay_id()}, {"app", config.app}, {"env", config.env}});
   try {
     // One extra database handle for the health check and the metrics endpoint: the relay's own
     // belongs to its thread.

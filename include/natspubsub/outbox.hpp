@@ -23,11 +23,14 @@
 
 #include <natspubsub/envelope.hpp>
 #include <natspubsub/error.hpp>
+#include <natspubsub/features.hpp>
 #include <natspubsub/store/database.hpp>
 
+#if NATSPUBSUB_HAS_POSTGRES
 namespace pqxx {
 class dbtransaction;
 }  // namespace pqxx
+#endif
 
 namespace natspubsub {
 
@@ -66,7 +69,9 @@ class OutboxError : public Error {
 /// the key, held until the caller's commit: two transactions enqueueing under one key take
 /// turns, so ids of one key are handed out in commit order and the relay never sees a later id
 /// commit before an earlier one.
+#if NATSPUBSUB_HAS_POSTGRES
 std::int64_t enqueue(pqxx::dbtransaction& txn, const OutboxMessage& message);
+#endif
 std::int64_t enqueue(store::SqliteTransaction& txn, const OutboxMessage& message);
 std::int64_t enqueue(store::Transaction& txn, const OutboxMessage& message);
 

@@ -4,15 +4,18 @@
 #include <cctype>
 #include <charconv>
 #include <cstdlib>
-
-#include <libpq-fe.h>
-
 #include <memory>
 
-#include <natspubsub/store/postgres.hpp>
+#include <natspubsub/features.hpp>
 #include <natspubsub/store/sqlite.hpp>
 
+#if NATSPUBSUB_HAS_POSTGRES
+#include <libpq-fe.h>
+
+#include <natspubsub/store/postgres.hpp>
+
 #include "store/postgres_exec.hpp"
+#endif
 
 namespace natspubsub::store {
 
@@ -89,6 +92,11 @@ DatabaseUrl DatabaseUrl::parse(std::string_view url) {
   } else {
     bad_url(url, "unknown scheme");
   }
+#if !NATSPUBSUB_HAS_POSTGRES
+  throw DatabaseUrlError("database URL '" + redact_unparsed(url) +
+                         "': this build of natspubsub has no PostgreSQL support (NATSPUBSUB_WITH_POSTGRES=OFF); "
+                         "use sqlite:///path.db");
+#else
   result.backend_ = Backend::postgres;
   // libpq reads the URI itself (every form it documents: no host for the default socket,
   // ?host=/run/postgresql, several hosts, any connection parameter); we ask it what it found.
@@ -150,6 +158,7 @@ DatabaseUrl DatabaseUrl::parse(std::string_view url) {
   result.uri_ = std::move(text);
   result.redacted_ = result.scrub(redact_unparsed(result.uri_));
   return result;
+#endif
 }
 
 std::string DatabaseUrl::postgres_conninfo() const {
@@ -227,6 +236,7 @@ SqliteTransaction& Transaction::sqlite() const {
   return *sqlite_;
 }
 
+#if NATSPUBSUB_HAS_POSTGRES
 pqxx::dbtransaction& Transaction::postgres() const {
   if (postgres_ == nullptr) throw DatabaseError("this transaction is an SQLite transaction, not PostgreSQL");
   return *postgres_;
@@ -241,13 +251,23 @@ std::vector<Row> Transaction::query(std::string_view sql, const Params& params) 
   if (sqlite_ != nullptr) return sqlite_->query(sql, params);
   return detail::to_rows(detail::pg_exec(*postgres_, sql, params));
 }
+#else
+// Without PostgreSQL a Transaction can only be made from a SqliteTransaction.
+std::int64_t Transaction::execute(std::string_view sql, const Params& params) { return sqlite_->execute(sql, params); }
+
+std::vector<Row> Transaction::query(std::string_view sql, const Params& params) { return sqlite_->query(sql, params); }
+#endif
 
 std::unique_ptr<Database> open_database(std::string_view url, const OpenOptions& options) {
   auto parsed = DatabaseUrl::parse(url);
   if (parsed.backend() == Backend::sqlite) {
     return std::make_unique<SqliteDatabase>(parsed.path(), SqliteDatabase::Options{options.sqlite_busy_timeout, options.create_sqlite_file});
   }
+#if NATSPUBSUB_HAS_POSTGRES
   return std::make_unique<PostgresDatabase>(std::move(parsed));
+#else
+  throw DatabaseUrlError("this build of natspubsub has no PostgreSQL support");  // parse() refused it already
+#endif
 }
 
 }  // namespace natspubsub::store

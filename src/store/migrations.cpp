@@ -4,22 +4,29 @@
 #include <chrono>
 #include <set>
 
+#include <natspubsub/features.hpp>
+#include <natspubsub/store/sqlite.hpp>
+
+#if NATSPUBSUB_HAS_POSTGRES
 #include <pqxx/transaction>
 
 #include <natspubsub/store/postgres.hpp>
-#include <natspubsub/store/sqlite.hpp>
+
+#include "store/postgres_exec.hpp"
+#endif
 
 #include "store/embedded_migrations.hpp"
 #include "store/logger.hpp"
-#include "store/postgres_exec.hpp"
 
 namespace natspubsub::store {
 
 namespace {
 
+#if NATSPUBSUB_HAS_POSTGRES
 // Held (transaction-scoped) by every step of the PostgreSQL runner, so runners in several
 // processes take turns; "NPSBMIGR" in ASCII.
 constexpr std::int64_t kMigrationLockKey = 0x4e5053424d494752;
+#endif
 
 constexpr std::string_view kSqliteMigrationsTable =
     "CREATE TABLE IF NOT EXISTS natspubsub_schema_migrations ("
@@ -27,11 +34,13 @@ constexpr std::string_view kSqliteMigrationsTable =
     " name TEXT NOT NULL,"
     " applied_at INTEGER NOT NULL)";  // Unix milliseconds, like every SQLite timestamp of ours
 
+#if NATSPUBSUB_HAS_POSTGRES
 constexpr std::string_view kPostgresMigrationsTable =
     "CREATE TABLE IF NOT EXISTS natspubsub_schema_migrations ("
     " version integer PRIMARY KEY,"
     " name text NOT NULL,"
     " applied_at timestamptz NOT NULL DEFAULT now())";
+#endif
 
 std::int64_t unix_ms_now() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -52,7 +61,11 @@ void warn_about_unknown(Backend backend, const std::vector<int>& applied) {
 }
 
 SqliteDatabase& as_sqlite(Database& db) { return dynamic_cast<SqliteDatabase&>(db); }
+#if NATSPUBSUB_HAS_POSTGRES
 PostgresDatabase& as_postgres(Database& db) { return dynamic_cast<PostgresDatabase&>(db); }
+#else
+[[noreturn]] void no_postgres() { throw DatabaseError("this build of natspubsub has no PostgreSQL support"); }
+#endif
 
 }  // namespace
 
@@ -98,6 +111,7 @@ std::vector<int> migrate(SqliteDatabase& db) {
   return applied;
 }
 
+#if NATSPUBSUB_HAS_POSTGRES
 std::vector<int> migrate(PostgresDatabase& db) {
   auto& connection = db.connection();
   std::vector<int> applied;
@@ -133,9 +147,15 @@ std::vector<int> migrate(PostgresDatabase& db) {
   warn_about_unknown(Backend::postgres, applied_migrations(db));
   return applied;
 }
+#endif
 
 std::vector<int> migrate(Database& db) {
+#if NATSPUBSUB_HAS_POSTGRES
   return db.backend() == Backend::sqlite ? migrate(as_sqlite(db)) : migrate(as_postgres(db));
+#else
+  if (db.backend() != Backend::sqlite) no_postgres();
+  return migrate(as_sqlite(db));
+#endif
 }
 
 std::vector<int> applied_migrations(SqliteDatabase& db) {
@@ -149,6 +169,7 @@ std::vector<int> applied_migrations(SqliteDatabase& db) {
   return out;
 }
 
+#if NATSPUBSUB_HAS_POSTGRES
 std::vector<int> applied_migrations(PostgresDatabase& db) {
   std::vector<int> out;
   auto exists = db.query("SELECT to_regclass('natspubsub_schema_migrations') IS NOT NULL");
@@ -159,8 +180,15 @@ std::vector<int> applied_migrations(PostgresDatabase& db) {
   return out;
 }
 
+#endif
+
 std::vector<int> applied_migrations(Database& db) {
+#if NATSPUBSUB_HAS_POSTGRES
   return db.backend() == Backend::sqlite ? applied_migrations(as_sqlite(db)) : applied_migrations(as_postgres(db));
+#else
+  if (db.backend() != Backend::sqlite) no_postgres();
+  return applied_migrations(as_sqlite(db));
+#endif
 }
 
 }  // namespace natspubsub::store

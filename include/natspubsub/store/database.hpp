@@ -24,10 +24,13 @@
 #include <vector>
 
 #include <natspubsub/error.hpp>
+#include <natspubsub/features.hpp>
 
+#if NATSPUBSUB_HAS_POSTGRES
 namespace pqxx {
 class dbtransaction;
 }  // namespace pqxx
+#endif
 
 namespace natspubsub::store {
 
@@ -180,13 +183,17 @@ class SqliteTransaction;
 class Transaction {
  public:
   explicit Transaction(SqliteTransaction& txn) noexcept : sqlite_(&txn) {}
+#if NATSPUBSUB_HAS_POSTGRES
   explicit Transaction(pqxx::dbtransaction& txn) noexcept : postgres_(&txn) {}
+#endif
 
   [[nodiscard]] Backend backend() const noexcept { return sqlite_ ? Backend::sqlite : Backend::postgres; }
   /// The SQLite transaction; throws DatabaseError on PostgreSQL.
   [[nodiscard]] SqliteTransaction& sqlite() const;
+#if NATSPUBSUB_HAS_POSTGRES
   /// The libpqxx transaction; throws DatabaseError on SQLite.
   [[nodiscard]] pqxx::dbtransaction& postgres() const;
+#endif
 
   /// Runs one statement; returns the number of rows it changed.
   std::int64_t execute(std::string_view sql, const Params& params = {});
@@ -195,7 +202,9 @@ class Transaction {
 
  private:
   SqliteTransaction* sqlite_ = nullptr;
+#if NATSPUBSUB_HAS_POSTGRES
   pqxx::dbtransaction* postgres_ = nullptr;
+#endif
 };
 
 /// An open database connection. Like the connections it wraps, one object is used by one thread
@@ -225,7 +234,9 @@ struct OpenOptions {
 };
 
 /// Opens a SqliteDatabase or a PostgresDatabase from a URL (see DatabaseUrl).
-/// Throws DatabaseUrlError, RetryableDatabaseError (cannot connect) or DatabaseError.
+/// Throws DatabaseUrlError, RetryableDatabaseError (cannot connect) or DatabaseError. A library
+/// built without PostgreSQL (NATSPUBSUB_HAS_POSTGRES 0) refuses postgresql:// URLs with
+/// DatabaseUrlError.
 [[nodiscard]] std::unique_ptr<Database> open_database(std::string_view url, const OpenOptions& options = {});
 
 }  // namespace natspubsub::store

@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include <natspubsub/features.hpp>
 #include <natspubsub/store/database.hpp>
 
 namespace natspubsub::store {
@@ -30,12 +31,16 @@ struct Migration {
 /// schema was already current). Throws DatabaseError (typed) when a migration fails; the
 /// failing migration leaves nothing behind, the ones before it stay applied.
 std::vector<int> migrate(SqliteDatabase& db);
+#if NATSPUBSUB_HAS_POSTGRES
 std::vector<int> migrate(PostgresDatabase& db);
+#endif
 std::vector<int> migrate(Database& db);
 
 /// The versions recorded in natspubsub_schema_migrations (empty when the table does not exist).
 [[nodiscard]] std::vector<int> applied_migrations(SqliteDatabase& db);
+#if NATSPUBSUB_HAS_POSTGRES
 [[nodiscard]] std::vector<int> applied_migrations(PostgresDatabase& db);
+#endif
 [[nodiscard]] std::vector<int> applied_migrations(Database& db);
 
 }  // namespace natspubsub::store

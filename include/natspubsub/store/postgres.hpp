@@ -8,6 +8,11 @@
 //   tx.exec_params("INSERT INTO orders (id, total) VALUES ($1, $2)", 42, 99.5);
 //   natspubsub::enqueue(tx, message);
 //   tx.commit();
+#include <natspubsub/features.hpp>
+#if !NATSPUBSUB_HAS_POSTGRES
+#error "natspubsub was built without PostgreSQL (NATSPUBSUB_WITH_POSTGRES=OFF): store/postgres.hpp is not available"
+#endif
+
 #include <exception>
 #include <functional>
 #include <memory>
