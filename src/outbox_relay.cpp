@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <random>
 #include <set>
+#include <span>
 #include <thread>
 #include <unordered_map>
 
@@ -50,6 +51,27 @@ bool outage(const PublishFailure& f) {
     default:
       return false;
   }
+}
+
+// For a publish that no stream answered: does a stream take `subject`? JetStream's meta layer
+// answers `$JS.API.STREAM.NAMES` even while the stream itself has no leader, so "yes" means the
+// stream is there but electing a leader (or its servers are down): an outage, not the row's
+// fault. nullopt when the question got no answer either (NATS itself is not answering).
+std::optional<bool> stream_takes(natsConnection* nc, const std::string& subject) {
+  if (nc == nullptr) return std::nullopt;
+  const std::string request = nlohmann::json{{"subject", subject}}.dump();
+  natsMsg* reply = nullptr;
+  if (natsConnection_Request(&reply, nc, "$JS.API.STREAM.NAMES", request.data(), static_cast<int>(request.size()),
+                             2000) != NATS_OK)
+    return std::nullopt;
+  std::optional<bool> found;
+  try {
+    const auto j = nlohmann::json::parse(std::string(natsMsg_GetData(reply), static_cast<size_t>(natsMsg_GetDataLength(reply))));
+    if (!j.contains("error")) found = j.value("total", 0) > 0;
+  } catch (const std::exception&) {
+  }
+  natsMsg_Destroy(reply);
+  return found;
 }
 
 bool control_char(unsigned char c) { return c < 0x20 || c == 0x7f; }
@@ -255,6 +277,22 @@ std::size_t OutboxRelay::run_once() {
   BatchOptions bo;
   bo.window = o.publish_window;
   bo.ack_timeout = o.ack_timeout;
+  // Acknowledged rows are marked sent after the batch, and also between rounds once 200 ms have
+  // passed since the last mark: a relay that dies in a long batch (one hot key: a round trip per
+  // row) then leaves little acknowledged but unmarked, which a later relay would publish again.
+  std::size_t acked_marked = 0;  // out.acked[0, acked_marked) are marked
+  auto last_mark = started;
+  auto mark_acked = [&] {
+    if (acked_marked == out.acked.size()) return;
+    std::span<const std::int64_t> ids(out.acked.data() + acked_marked, out.acked.size() - acked_marked);
+    if (o.delete_sent)
+      store.delete_sent(o.relay_id, ids);
+    else
+      store.mark_sent(o.relay_id, ids);
+    acked_marked = out.acked.size();
+    last_mark = std::chrono::steady_clock::now();
+  };
+  std::unordered_map<std::string, std::optional<bool>> stream_known;  // subject -> a stream takes it
   bool stop_all = false;  // an outage, or the lease running short: nothing more is published
   int published_rounds = 0;
   for (const auto& round : rounds_of(rows)) {
@@ -280,6 +318,7 @@ std::size_t OutboxRelay::run_once() {
     std::vector<RawMessage> messages;
     messages.reserve(go.size());
     for (auto i : go) messages.push_back(to_message(rows[i]));
+    if (std::chrono::steady_clock::now() - last_mark >= std::chrono::milliseconds(200)) mark_acked();
     const auto results = impl_->publisher->publish_raw_batch(messages, bo);
     ++published_rounds;
     for (std::size_t k = 0; k < go.size(); ++k) {
@@ -291,7 +330,15 @@ std::size_t OutboxRelay::run_once() {
         continue;
       }
       if (row.partition_key) stopped_keys.insert(*row.partition_key);
-      if (outage(*r.error)) {
+      bool unavailable = outage(*r.error);
+      if (!unavailable && r.error->status == static_cast<int>(NATS_NO_RESPONDERS)) {
+        // No responders: no stream for the subject (the row's fault: an attempt), or a stream
+        // electing a leader (an outage: no attempt). Asked once per subject per batch.
+        auto it = stream_known.find(row.subject);
+        if (it == stream_known.end()) it = stream_known.emplace(row.subject, stream_takes(nc, row.subject)).first;
+        unavailable = it->second.value_or(true);
+      }
+      if (unavailable) {
         out.unavailable.push_back(row.id);
         if (out.unavailable_error.empty()) out.unavailable_error = r.error->message;
         stop_all = true;
@@ -303,12 +350,7 @@ std::size_t OutboxRelay::run_once() {
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
-  if (!out.acked.empty()) {
-    if (o.delete_sent)
-      store.delete_sent(o.relay_id, out.acked);
-    else
-      store.mark_sent(o.relay_id, out.acked);
-  }
+  mark_acked();
   OutboxFailResult fr;
   uint64_t released = 0;
   const bool connection_lost = !out.retryable.empty() && !impl_->connection->connected();
@@ -359,8 +401,8 @@ std::size_t OutboxRelay::drain(std::stop_token stop, std::int64_t up_to_id) {
   try {
     while (!stop.stop_requested()) {
       auto n = run_once();
-      total += n;
       if (n == 0 || impl_->outage) break;  // nothing left, or NATS is not answering: stop here
+      total += n;
     }
   } catch (...) {
     impl_->up_to_id = std::numeric_limits<std::int64_t>::max();

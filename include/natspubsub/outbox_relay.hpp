@@ -6,11 +6,12 @@
 //   natspubsub::OutboxRelay relay(nats, *db);
 //   std::jthread worker([&](std::stop_token stop) { relay.run(stop); });
 //
-// One cycle: claim a batch (leased to this relay), publish every row asynchronously with
-// Nats-Msg-Id = event_id, wait for every PubAck, then in one statement mark the acknowledged
-// rows sent (or delete them) and reschedule the failed ones with backoff. A relay killed at any
-// point loses nothing: its rows stay leased until the lease ends and are then claimed again; what
-// it had already published is dropped by JetStream's deduplication (same Nats-Msg-Id).
+// One cycle: claim a batch (leased to this relay), publish its rows asynchronously with
+// Nats-Msg-Id = event_id in rounds (below), wait for the PubAcks, mark the acknowledged rows sent
+// (or delete them; between rounds too, every 200 ms) and reschedule the failed ones with
+// backoff. A relay killed at any point loses nothing: its rows stay leased until the lease ends
+// and are then claimed again; what it had already published is dropped by JetStream's
+// deduplication (same Nats-Msg-Id) if the copy arrives within the stream's duplicate window.
 //
 // Order: per partition key, the store only hands out a row once every earlier row of its key is
 // sent (see OutboxStore), so several relays keep per-key order. Within a batch a keyed row is
@@ -71,7 +72,7 @@ struct RelayStats {
   uint64_t duplicates = 0;      ///< acknowledged as already stored (an earlier relay had sent them)
   uint64_t retried = 0;         ///< failed publishes rescheduled with backoff
   uint64_t failed = 0;          ///< rows that reached max_attempts (status failed)
-  uint64_t released = 0;        ///< rows given back unpublished (connection lost, shutdown)
+  uint64_t released = 0;        ///< rows given back without an attempt (NATS unavailable, behind a failed row of their key, lease short)
   uint64_t cleaned = 0;         ///< sent rows deleted by cleanup
   uint64_t errors = 0;          ///< cycles that failed (database or NATS trouble), retried later
   PublishLatencyHistogram publish_latency;

@@ -1,5 +1,8 @@
 #include "support/nats_helpers.hpp"
 
+#include <chrono>
+#include <thread>
+
 #include <cstdlib>
 #include <stdexcept>
 
@@ -57,7 +60,18 @@ std::vector<StoredMessage> RawNats::read_stream(const std::string& stream) {
   std::vector<StoredMessage> out;
   for (uint64_t seq = first; seq != 0 && seq <= last; ++seq) {
     natsMsg* msg = nullptr;
-    if (js_GetMsg(&msg, js_, stream.c_str(), seq, nullptr, &jerr) != NATS_OK) continue;  // deleted
+    // Not found: deleted. Any other failure (a timeout while a cluster elects a leader) is asked
+    // again, and a message that still cannot be read fails the caller instead of looking lost.
+    natsStatus s = NATS_OK;
+    for (int attempt = 0; attempt < 20; ++attempt) {
+      s = js_GetMsg(&msg, js_, stream.c_str(), seq, nullptr, &jerr);
+      if (s == NATS_OK || s == NATS_NOT_FOUND || jerr == JSNoMessageFoundErr) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+    if (s == NATS_NOT_FOUND || jerr == JSNoMessageFoundErr) continue;
+    if (s != NATS_OK)
+      throw std::runtime_error("reading message " + std::to_string(seq) + " of stream " + stream + " failed: " +
+                               natsStatus_GetText(s));
     StoredMessage m;
     m.subject = natsMsg_GetSubject(msg);
     m.data.assign(natsMsg_GetData(msg), static_cast<size_t>(natsMsg_GetDataLength(msg)));
