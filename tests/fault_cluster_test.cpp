@@ -195,19 +195,11 @@ TEST_CASE("3-node cluster, R3 stream: the stream leader killed while a relay dra
   const auto path = testing::sqlite_file(dir);
   constexpr int kEvents = 30000;
   constexpr int kKeys = 40;
-  std::map<std::string, std::pair<int, int>> position;  // event id -> (key, index within its key)
-  std::vector<std::string> ids;
+  testing::KeyedEvents events;
   {
     store::SqliteDatabase db(path);
     store::migrate(db);
-    auto tx = db.begin();
-    for (int i = 0; i < kEvents; ++i) {
-      auto e = Envelope::make("order.created", "orders", {{"i", i}});
-      enqueue(tx, "test.orders.order.created", e, "order-" + std::to_string(i % kKeys));
-      ids.push_back(e.event_id);
-      position[e.event_id] = {i % kKeys, i / kKeys};
-    }
-    tx.commit();
+    events = testing::KeyedEvents::enqueue(db, "test.orders.order.created", kEvents, kKeys);
   }
   {
     Connection admin(cluster_config(cluster, "orders"));
@@ -246,17 +238,9 @@ TEST_CASE("3-node cluster, R3 stream: the stream leader killed while a relay dra
   CHECK(max_attempts == 0);
 
   std::vector<std::string> seen;
-  std::vector<int> last(kKeys, -1);
-  std::size_t out_of_order = 0;
-  for (const auto& m : testing::RawNats(cluster.url()).read_stream(kStream)) {
-    seen.push_back(m.msg_id);
-    auto it = position.find(m.msg_id);
-    if (it == position.end()) continue;
-    auto& previous = last[static_cast<std::size_t>(it->second.first)];
-    if (it->second.second < previous) ++out_of_order;
-    previous = std::max(previous, it->second.second);
-  }
-  auto t = testing::tally(ids, seen);
+  for (const auto& m : testing::RawNats(cluster.url()).read_stream(kStream)) seen.push_back(m.msg_id);
+  const auto out_of_order = events.out_of_key_order(seen);
+  auto t = testing::tally(events.ids, seen);
   MESSAGE("stream state: " << testing::RawNats(cluster.url()).stream_messages(kStream) << " messages");
   MESSAGE("stream leader " << leader << " killed at " << stored_at_kill << " stored; stored " << t.seen << ", lost "
                            << t.lost << ", duplicated " << t.duplicated << ", out of key order " << out_of_order);

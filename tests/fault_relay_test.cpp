@@ -121,27 +121,8 @@ void kill_relay_repeatedly(const std::string& database_url, const std::vector<st
 constexpr int kOrderEvents = 30000;
 constexpr int kOrderKeys = 40;
 
-struct KeyedEvent {
-  int key = 0;
-  int index = 0;  // position among its key's events
-};
-
-std::map<std::string, KeyedEvent> enqueue_keyed(store::Database& db, std::vector<std::string>& ids) {
-  std::map<std::string, KeyedEvent> events;
-  db.in_transaction([&](store::Transaction& tx) {
-    for (int i = 0; i < kOrderEvents; ++i) {
-      auto e = Envelope::make("order.created", "orders", {{"i", i}});
-      const int key = i % kOrderKeys;
-      enqueue(tx, kSubject, e, "order-" + std::to_string(key));
-      ids.push_back(e.event_id);
-      events[e.event_id] = {key, i / kOrderKeys};
-    }
-  });
-  return events;
-}
-
-void restart_nats_under_relays(const std::string& database_url, const std::vector<std::string>& ids,
-                               const std::map<std::string, KeyedEvent>& events, int relays, const std::string& backend) {
+void restart_nats_under_relays(const std::string& database_url, const testing::KeyedEvents& events, int relays,
+                               const std::string& backend) {
   testing::NatsServer server;
   auto config = testing::test_config(server.url(), "orders");
   config.stream.memory_storage = false;  // the stream outlives the restarts
@@ -181,17 +162,9 @@ void restart_nats_under_relays(const std::string& database_url, const std::vecto
 
   testing::RawNats reader(server.url());
   std::vector<std::string> seen;
-  std::vector<int> last(kOrderKeys, -1);
-  size_t out_of_order = 0;
-  for (const auto& m : reader.read_stream(kStream)) {
-    seen.push_back(m.msg_id);
-    auto it = events.find(m.msg_id);
-    if (it == events.end()) continue;
-    auto& previous = last[static_cast<size_t>(it->second.key)];
-    if (it->second.index < previous) out_of_order++;  // stored after a later event of its key
-    previous = std::max(previous, it->second.index);
-  }
-  auto t = testing::tally(ids, seen);
+  for (const auto& m : reader.read_stream(kStream)) seen.push_back(m.msg_id);
+  const auto out_of_order = events.out_of_key_order(seen);
+  auto t = testing::tally(events.ids, seen);
   const auto sent = count_status(database_url, "sent");
   MESSAGE(backend << ", " << relays << " relay(s): events " << kOrderEvents << ", stored " << t.seen << ", lost "
                   << t.lost << ", duplicated " << t.duplicated << ", out of key order " << out_of_order
@@ -247,18 +220,16 @@ TEST_CASE("PostgreSQL: relay SIGKILLed 10 times at random points while draining 
 TEST_CASE("SQLite: nats-server SIGKILLed and restarted 3 times under a draining relay: 30,000 rows, 40 keys, each once, in key order") {
   testing::TempDir dir;
   auto path = testing::sqlite_file(dir);
-  std::vector<std::string> ids;
   store::SqliteDatabase db(path);
   store::migrate(db);
-  auto events = enqueue_keyed(db, ids);
-  restart_nats_under_relays("sqlite://" + path, ids, events, 1, "SQLite");
+  auto events = testing::KeyedEvents::enqueue(db, kSubject, kOrderEvents, kOrderKeys);
+  restart_nats_under_relays("sqlite://" + path, events, 1, "SQLite");
 }
 
 TEST_CASE("PostgreSQL: nats-server SIGKILLed and restarted 3 times under two relays: 30,000 rows, 40 keys, each once, in key order") {
   auto url = testing::fresh_postgres_database("fault_relay_order");
-  std::vector<std::string> ids;
   store::PostgresDatabase db(url);
   store::migrate(db);
-  auto events = enqueue_keyed(db, ids);
-  restart_nats_under_relays(url, ids, events, 2, "PostgreSQL");
+  auto events = testing::KeyedEvents::enqueue(db, kSubject, kOrderEvents, kOrderKeys);
+  restart_nats_under_relays(url, events, 2, "PostgreSQL");
 }

@@ -22,6 +22,8 @@
 
 #include <doctest/doctest.h>
 
+#include <natspubsub/envelope.hpp>
+#include <natspubsub/outbox.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
 
@@ -128,6 +130,46 @@ class ChunkedProducer {
   std::atomic<size_t> retries_{0};
   std::atomic<size_t> never_acknowledged_{0};
   std::jthread thread_;
+};
+
+/// Events written under `keys` partition keys, interleaved as many producers would write them:
+/// event i has key "order-(i % keys)" and is the (i / keys)-th event of its key.
+struct KeyedEvents {
+  struct Place {
+    int key = 0;
+    int index = 0;  ///< position among its key's events
+  };
+  std::vector<std::string> ids;        ///< in enqueue order
+  std::map<std::string, Place> place;  ///< event id -> its key and position
+
+  /// Enqueues `n` order events to `subject` in one transaction of `db`.
+  static KeyedEvents enqueue(store::Database& db, const std::string& subject, int n, int keys) {
+    KeyedEvents events;
+    db.in_transaction([&](store::Transaction& tx) {
+      for (int i = 0; i < n; ++i) {
+        auto e = Envelope::make("order.created", "orders", {{"i", i}});
+        natspubsub::enqueue(tx, subject, e, "order-" + std::to_string(i % keys));
+        events.ids.push_back(e.event_id);
+        events.place[e.event_id] = {i % keys, i / keys};
+      }
+    });
+    return events;
+  }
+
+  /// How many of `msg_ids` (in stream order) were stored after a later event of their key.
+  [[nodiscard]] std::size_t out_of_key_order(const std::vector<std::string>& msg_ids) const {
+    std::map<int, int> last;  // key -> highest position stored so far
+    std::size_t out_of_order = 0;
+    for (const auto& id : msg_ids) {
+      auto it = place.find(id);
+      if (it == place.end()) continue;
+      auto [seen, fresh] = last.try_emplace(it->second.key, it->second.index);
+      if (fresh) continue;
+      if (it->second.index < seen->second) ++out_of_order;
+      seen->second = std::max(seen->second, it->second.index);
+    }
+    return out_of_order;
+  }
 };
 
 /// A natspubsub-relay process (the real worker binary), killed with SIGKILL by the test.
