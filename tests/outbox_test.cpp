@@ -477,6 +477,68 @@ TEST_CASE("postgres: per-key order: runs of one key, waiting behind held, backin
   per_key_order_rules(fresh_postgres_database("outbox_order"));
 }
 
+// PostgreSQL claims look at a bounded window of unsent rows (src/store/postgres_outbox.cpp), so
+// that a claim while another relay holds the head of every key stays cheap. The window must not
+// let a key with many due rows behind a long-lived blocker (failed, in backoff, scheduled later)
+// starve the others: those keys are left out of the window. With a batch of 10 the window is
+// 40 rows; each blocked key here has 100 due rows behind its blocker.
+TEST_CASE("postgres: the claim window leaves out keys behind failed, backing-off and scheduled rows") {
+  const auto url = fresh_postgres_database("outbox_window");
+  auto db = open_migrated(url);
+  auto store = make_outbox_store(*db);
+  db->in_transaction([](Transaction& tx) {
+    for (const std::string key : {"failed", "backoff", "later"})
+      for (int i = 0; i < 101; ++i) enqueue(tx, message(key + "-" + std::to_string(i), key));
+    for (int i = 0; i < 6; ++i) enqueue(tx, message("free-" + std::to_string(i), "free"));
+    for (int i = 0; i < 6; ++i) enqueue(tx, message("unkeyed-" + std::to_string(i)));
+  });
+  // The heads of the three keys: failed for good, in backoff for a minute, and written by hand
+  // to be published an hour from now (attempts 0).
+  auto heads = store->claim("relay-1", 1, 30s);
+  REQUIRE(events_of(heads) == std::vector<std::string>{"failed-0"});
+  CHECK(store->mark_failed("relay-1", std::vector<OutboxFailure>{{heads[0].id, "poison", 0ms}}, 1).failed.size() == 1);
+  db->in_transaction([](Transaction& tx) {
+    tx.execute("UPDATE natspubsub_outbox SET attempts = 1, next_attempt_at = now() + interval '1 minute' "
+               "WHERE event_id = 'backoff-0'");
+    tx.execute("UPDATE natspubsub_outbox SET next_attempt_at = now() + interval '1 hour' WHERE event_id = 'later-0'");
+  });
+
+  auto rows = store->claim("relay-1", 10, 30s);
+  std::vector<std::string> expected;
+  for (int i = 0; i < 6; ++i) expected.push_back("free-" + std::to_string(i));
+  for (int i = 0; i < 4; ++i) expected.push_back("unkeyed-" + std::to_string(i));
+  CHECK(events_of(rows) == expected);
+  CHECK(events_of(store->claim("relay-1", 10, 30s)) == std::vector<std::string>{"unkeyed-4", "unkeyed-5"});
+
+  // The backoff over, its key runs again, in order, the window now starting at it.
+  db->in_transaction([](Transaction& tx) {
+    tx.execute("UPDATE natspubsub_outbox SET next_attempt_at = now() WHERE event_id = 'backoff-0'");
+  });
+  auto again = store->claim("relay-1", 10, 30s);
+  REQUIRE(again.size() == 10);
+  for (int i = 0; i < 10; ++i) CHECK(again[static_cast<std::size_t>(i)].event_id == "backoff-" + std::to_string(i));
+}
+
+// Another relay's batch holds the earliest rows of every key: a claim finds nothing claimable in
+// its window and returns empty (the benchmark relay_postgres_scaling measures what that costs);
+// once those rows are sent the next claim takes the following rows of every key, in order.
+TEST_CASE("postgres: a claim behind another relay's batch over every key returns empty, then continues in order") {
+  const auto url = fresh_postgres_database("outbox_window_held");
+  auto db = open_migrated(url);
+  auto store = make_outbox_store(*db);
+  constexpr int kKeys = 10;
+  db->in_transaction([](Transaction& tx) {
+    for (int i = 0; i < 1000; ++i) enqueue(tx, message("e-" + std::to_string(i), "k" + std::to_string(i % kKeys)));
+  });
+  auto first = store->claim("relay-1", 20, 30s);  // two rows of every key
+  REQUIRE(first.size() == 20);
+  CHECK(store->claim("relay-2", 20, 30s).empty());
+  CHECK(store->mark_sent("relay-1", ids_of(first)) == 20);
+  auto next = store->claim("relay-2", 20, 30s);
+  REQUIRE(next.size() == 20);
+  for (int i = 0; i < 20; ++i) CHECK(next[static_cast<std::size_t>(i)].event_id == "e-" + std::to_string(20 + i));
+}
+
 TEST_CASE("sqlite: concurrent relays never claim the same row and keep per-key order") {
   TempDir dir;
   concurrent_relays_keep_per_key_order(sqlite_url(dir), 3);
