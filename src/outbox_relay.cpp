@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <future>
+#include <optional>
 #include <random>
 #include <set>
 #include <span>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 
 #include <nats/nats.h>
 
@@ -39,7 +42,7 @@ Headers to_headers(const nlohmann::json& j) {
 
 // Failures that say NATS or the stream is unavailable (no PubAck in time, as while a stream elects
 // a leader; the connection down), not that the row is wrong: they back off the relay, not the row.
-bool outage(const PublishFailure& f) {
+bool is_outage(const PublishFailure& f) {
   switch (static_cast<natsStatus>(f.status)) {
     case NATS_TIMEOUT:
     case NATS_CONNECTION_CLOSED:
@@ -153,6 +156,56 @@ struct OutboxRelay::Impl {
   bool outage = false;        // the last run_once saw NATS or a stream not answering: back off
   bool disconnected = false;  // the last run_once found the connection down and claimed nothing
   std::int64_t up_to_id = std::numeric_limits<std::int64_t>::max();  // claims take rows up to this id
+  // run() and drain() claim the next batch on another thread while this one publishes (below);
+  // the store's one database connection is used by one of them at a time.
+  std::mutex store_mutex;
+  bool pipelined = false;  // the lease covers two batches back to back (constructor)
+
+  struct Claimed {
+    std::vector<OutboxRow> rows;
+    std::chrono::steady_clock::time_point at;  // when the claim started: the lease runs from here
+    bool prefetched = false;                   // claimed while the previous batch was publishing
+  };
+  template <class F>
+  auto with_store(F&& f) {
+    std::lock_guard lock(store_mutex);
+    return f(*store);
+  }
+  Claimed claim(bool prefetched) {
+    Claimed c;
+    c.at = std::chrono::steady_clock::now();
+    c.prefetched = prefetched;
+    c.rows = with_store([&](OutboxStore& st) { return st.claim(options.relay_id, options.batch_size, options.lease, up_to_id); });
+    return c;
+  }
+  // Rows of the last batch acknowledged but not yet marked sent: with a claim ahead, the thread
+  // making it marks them first, so the publishing thread does not wait for the mark.
+  std::mutex marks_mutex;
+  std::vector<std::int64_t> unmarked;
+  void mark(std::span<const std::int64_t> ids) {
+    if (ids.empty()) return;
+    with_store([&](OutboxStore& st) { return options.delete_sent ? st.delete_sent(options.relay_id, ids)
+                                                                 : st.mark_sent(options.relay_id, ids); });
+  }
+  // Marks `ids`; if that fails they are kept for the next try (flush_marks), and it throws.
+  void mark_or_keep(std::vector<std::int64_t> ids) {
+    try {
+      mark(ids);
+    } catch (...) {
+      std::lock_guard lock(marks_mutex);
+      unmarked.insert(unmarked.end(), ids.begin(), ids.end());
+      throw;
+    }
+  }
+  std::vector<std::int64_t> take_unmarked() {
+    std::lock_guard lock(marks_mutex);
+    return std::exchange(unmarked, {});
+  }
+  void flush_marks() { mark_or_keep(take_unmarked()); }
+  void flush_marks_quietly() noexcept;
+  std::size_t publish(Claimed batch, std::stop_token stop = {}, bool defer_mark = false);
+  std::size_t cycle(std::optional<std::future<Claimed>>& next, std::stop_token stop);
+  void release_quietly(std::optional<std::future<Claimed>>& next) noexcept;
 };
 
 OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, RelayOptions options)
@@ -176,6 +229,9 @@ OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, Rela
                                          std::to_string(options.ack_timeout.count()) + " ms = " +
                                          std::to_string(longest.count()) +
                                          " ms: raise the lease, or lower the batch size or the ack timeout");
+  // A batch claimed while the previous one publishes waits for it, so its rows are held for up
+  // to two batches: claim ahead only when the lease covers that.
+  impl_->pipelined = options.lease > 2 * longest;
   impl_->connection = &connection;
   impl_->database = &database;
   impl_->options = std::move(options);
@@ -232,19 +288,23 @@ std::vector<std::vector<std::size_t>> rounds_of(const std::vector<OutboxRow>& ro
 }  // namespace
 
 std::size_t OutboxRelay::run_once() {
-  auto& o = impl_->options;
-  auto& store = *impl_->store;
   impl_->outage = false;
   impl_->disconnected = !impl_->connection->connected();
   if (impl_->disconnected) return 0;  // nothing would be acknowledged: leave rows for later
+  return impl_->publish(impl_->claim(false));
+}
 
-  const auto started = std::chrono::steady_clock::now();
-  auto rows = store.claim(o.relay_id, o.batch_size, o.lease, impl_->up_to_id);
+// Publishes one claimed batch and records what became of each row. Returns the rows claimed.
+std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool defer_mark) {
+  auto& o = options;
+  outage = false;
+  auto rows = std::move(batch.rows);
   if (rows.empty()) return 0;
+  const auto started = batch.at;
 
   // Rows the server could not take are failed now, before anything is sent; the later rows of
   // their key in this batch go back unpublished and then wait behind the failed row (claim rule).
-  natsConnection* nc = impl_->connection->native();
+  natsConnection* nc = connection->native();
   const int64_t server_max = nc != nullptr ? natsConnection_GetMaxPayload(nc) : 0;
   const size_t max_payload = server_max > 0 ? static_cast<size_t>(server_max) : size_t{1024 * 1024};
   BatchOutcome out;
@@ -285,10 +345,7 @@ std::size_t OutboxRelay::run_once() {
   auto mark_acked = [&] {
     if (acked_marked == out.acked.size()) return;
     std::span<const std::int64_t> ids(out.acked.data() + acked_marked, out.acked.size() - acked_marked);
-    if (o.delete_sent)
-      store.delete_sent(o.relay_id, ids);
-    else
-      store.mark_sent(o.relay_id, ids);
+    with_store([&](OutboxStore& st) { return o.delete_sent ? st.delete_sent(o.relay_id, ids) : st.mark_sent(o.relay_id, ids); });
     acked_marked = out.acked.size();
     last_mark = std::chrono::steady_clock::now();
   };
@@ -309,8 +366,12 @@ std::size_t OutboxRelay::run_once() {
     // the lease is not started (another relay could then claim its rows while they are in
     // flight). The first round always goes: the constructor made sure the lease covers it, and
     // skipping it after a slow claim would release the batch and claim it again, for ever.
+    // A batch claimed ahead has waited for the previous one, so its first round is checked too
+    // (its rows are released and the next claim, not made ahead, starts afresh).
     const auto round_max = o.ack_timeout * static_cast<int64_t>((go.size() + bo.window - 1) / bo.window);
-    if (published_rounds > 0 && std::chrono::steady_clock::now() - started + round_max >= o.lease) {
+    // Stop requested (SIGTERM): the rounds not started are given back rather than finished.
+    if ((published_rounds > 0 || batch.prefetched) &&
+        (stop.stop_requested() || std::chrono::steady_clock::now() - started + round_max >= o.lease)) {
       for (auto i : go) out.held_back.push_back(rows[i].id);
       stop_all = true;
       continue;
@@ -319,7 +380,7 @@ std::size_t OutboxRelay::run_once() {
     messages.reserve(go.size());
     for (auto i : go) messages.push_back(to_message(rows[i]));
     if (std::chrono::steady_clock::now() - last_mark >= std::chrono::milliseconds(200)) mark_acked();
-    const auto results = impl_->publisher->publish_raw_batch(messages, bo);
+    const auto results = publisher->publish_raw_batch(messages, bo);
     ++published_rounds;
     for (std::size_t k = 0; k < go.size(); ++k) {
       const auto& row = rows[go[k]];
@@ -330,7 +391,7 @@ std::size_t OutboxRelay::run_once() {
         continue;
       }
       if (row.partition_key) stopped_keys.insert(*row.partition_key);
-      bool unavailable = outage(*r.error);
+      bool unavailable = is_outage(*r.error);
       if (!unavailable && r.error->status == static_cast<int>(NATS_NO_RESPONDERS)) {
         // No responders: no stream for the subject (the row's fault: an attempt), or a stream
         // electing a leader (an outage: no attempt). Asked once per subject per batch.
@@ -350,31 +411,38 @@ std::size_t OutboxRelay::run_once() {
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
-  mark_acked();
+  if (defer_mark) {
+    // Marked by the next claim ahead (cycle), or by flush_marks when there is none.
+    std::lock_guard lock(marks_mutex);
+    unmarked.insert(unmarked.end(), out.acked.begin() + static_cast<std::ptrdiff_t>(acked_marked), out.acked.end());
+  } else {
+    mark_acked();
+  }
   OutboxFailResult fr;
   uint64_t released = 0;
-  const bool connection_lost = !out.retryable.empty() && !impl_->connection->connected();
+  const bool connection_lost = !out.retryable.empty() && !connection->connected();
   if (!out.retryable.empty()) {
     if (connection_lost) {
       // The connection dropped under the batch: not the rows' fault, so no attempt is counted.
       std::vector<std::int64_t> ids;
       for (const auto& f : out.retryable) ids.push_back(f.id);
-      released = store.release(o.relay_id, ids);
+      released = with_store([&](OutboxStore& st) { return st.release(o.relay_id, ids); });
     } else {
-      fr = store.mark_failed(o.relay_id, out.retryable, o.max_attempts);
+      fr = with_store([&](OutboxStore& st) { return st.mark_failed(o.relay_id, out.retryable, o.max_attempts); });
     }
   }
   if (!out.unavailable.empty()) {
-    released += store.release(o.relay_id, out.unavailable);
-    impl_->outage = true;
+    released += with_store([&](OutboxStore& st) { return st.release(o.relay_id, out.unavailable); });
+    outage = true;
     logger()->warn("outbox relay {}: {} of {} rows not acknowledged ({}); released without counting an attempt, "
                    "the relay backs off",
                    o.relay_id, out.unavailable.size(), claimed, out.unavailable_error);
   }
-  if (!out.held_back.empty()) released += store.release(o.relay_id, out.held_back);
+  if (!out.held_back.empty())
+    released += with_store([&](OutboxStore& st) { return st.release(o.relay_id, out.held_back); });
   if (!out.refused.empty()) {
     // Refused by the server or invalid (too large, bad subject): another try cannot succeed.
-    auto r = store.mark_failed(o.relay_id, out.refused, 1);
+    auto r = with_store([&](OutboxStore& st) { return st.mark_failed(o.relay_id, out.refused, 1); });
     fr.failed.insert(fr.failed.end(), r.failed.begin(), r.failed.end());
     for (const auto& f : out.refused) logger()->error("outbox row {} failed permanently: {}", f.id, f.error);
   }
@@ -383,8 +451,8 @@ std::size_t OutboxRelay::run_once() {
                    out.retryable.size(), claimed, connection_lost ? "released" : "rescheduled",
                    out.retryable.front().error);
 
-  std::lock_guard lock(impl_->stats_mutex);
-  auto& s = impl_->stats;
+  std::lock_guard lock(stats_mutex);
+  auto& s = stats;
   s.batches++;
   s.published += out.acked.size();
   s.duplicates += out.duplicates;
@@ -395,20 +463,92 @@ std::size_t OutboxRelay::run_once() {
   return claimed;
 }
 
+// One step of run() and drain(): publishes the batch claimed ahead (or claims one now), and
+// meanwhile claims the next one on another thread, so the database work of batch N+1 overlaps
+// the publishing of batch N. Per-key order needs nothing more: while batch N is publishing its
+// rows are held by this relay, so the claim of N+1 takes no later row of their keys (claim rule).
+// Returns the rows of the batch published; 0 when nothing was claimable or NATS is disconnected.
+std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, std::stop_token stop) {
+  outage = false;
+  Claimed batch;
+  if (next) {
+    auto ahead = std::move(*next);
+    next.reset();
+    batch = ahead.get();
+    disconnected = false;
+  }
+  if (batch.rows.empty()) {
+    // Nothing claimed ahead (or nothing was claimable then; rows the last batch gave back may be now).
+    flush_marks();  // the claim must see the last batch's rows sent
+    disconnected = !connection->connected();
+    if (disconnected) return 0;  // nothing would be acknowledged: leave rows for later
+    batch = claim(false);
+    if (batch.rows.empty()) return 0;
+  }
+  if (pipelined && !stop.stop_requested() && connection->connected()) {
+    // The previous batch's acknowledged rows are marked sent in the same thread, just before
+    // the claim, off the publishing thread's path.
+    next = std::async(std::launch::async, [this, ids = take_unmarked()]() mutable {
+      mark_or_keep(std::move(ids));
+      return claim(true);
+    });
+  } else {
+    flush_marks();
+  }
+  return publish(std::move(batch), stop, pipelined);
+}
+
+void OutboxRelay::Impl::flush_marks_quietly() noexcept {
+  try {
+    flush_marks();
+  } catch (const std::exception& e) {
+    // They stay leased to this relay until the lease ends, then are published again and dropped
+    // by JetStream's deduplication (the lease is shorter than the duplicate window).
+    logger()->warn("outbox relay {}: could not mark acknowledged rows sent: {}", options.relay_id, e.what());
+  } catch (...) {
+  }
+}
+
+// Gives back the batch claimed ahead, unpublished and without an attempt (stop, outage, error).
+void OutboxRelay::Impl::release_quietly(std::optional<std::future<Claimed>>& next) noexcept {
+  if (!next) return;
+  try {
+    auto ahead = std::move(*next);
+    next.reset();
+    auto batch = ahead.get();
+    if (batch.rows.empty()) return;
+    std::vector<std::int64_t> ids;
+    for (const auto& row : batch.rows) ids.push_back(row.id);
+    const auto n = with_store([&](OutboxStore& st) { return st.release(options.relay_id, ids); });
+    std::lock_guard lock(stats_mutex);
+    stats.released += n;
+  } catch (const std::exception& e) {
+    // Its rows come back by themselves when their lease ends.
+    logger()->warn("outbox relay {}: could not give back the batch claimed ahead: {}", options.relay_id, e.what());
+  } catch (...) {
+  }
+  next.reset();
+}
+
 std::size_t OutboxRelay::drain(std::stop_token stop, std::int64_t up_to_id) {
   std::size_t total = 0;
   impl_->up_to_id = up_to_id;
+  std::optional<std::future<Impl::Claimed>> next;
   try {
     while (!stop.stop_requested()) {
-      auto n = run_once();
+      auto n = impl_->cycle(next, stop);
       if (n == 0 || impl_->outage) break;  // nothing left, or NATS is not answering: stop here
       total += n;
     }
   } catch (...) {
+    impl_->release_quietly(next);
+    impl_->flush_marks_quietly();
     impl_->up_to_id = std::numeric_limits<std::int64_t>::max();
     throw;
   }
+  impl_->release_quietly(next);
   impl_->up_to_id = std::numeric_limits<std::int64_t>::max();
+  impl_->flush_marks();
   return total;
 }
 
@@ -418,7 +558,7 @@ std::size_t OutboxRelay::cleanup() {
   std::size_t total = 0;
   const auto& o = impl_->options;
   for (int round = 0; round < 1000; ++round) {  // bounded: at most 1000 batches per call
-    auto n = impl_->store->cleanup_sent(o.cleanup_after, o.cleanup_batch);
+    auto n = impl_->with_store([&](OutboxStore& st) { return st.cleanup_sent(o.cleanup_after, o.cleanup_batch); });
     total += n;
     if (n < o.cleanup_batch) break;
   }
@@ -432,11 +572,14 @@ void OutboxRelay::run(std::stop_token stop) {
   int consecutive_errors = 0;
   int consecutive_outages = 0;
   logger()->info("outbox relay {} started (batch {}, window {})", o.relay_id, o.batch_size, o.publish_window);
+  std::optional<std::future<Impl::Claimed>> next;  // the batch claimed ahead, see Impl::cycle
   while (!stop.stop_requested()) {
     try {
-      auto n = run_once();
+      auto n = impl_->cycle(next, stop);
       consecutive_errors = 0;
       if (impl_->outage) {
+        impl_->release_quietly(next);
+        impl_->flush_marks_quietly();
         // NATS or the stream did not answer: wait before the rows (released, no attempt counted)
         // are tried again, 250 ms doubling to 30 s.
         consecutive_outages++;
@@ -452,6 +595,8 @@ void OutboxRelay::run(std::stop_token stop) {
     } catch (const std::exception& e) {
       // Database or NATS trouble: log, back off (capped at 30 s), try again. Leased rows come back
       // by themselves when their lease ends, so nothing is lost.
+      impl_->release_quietly(next);
+      impl_->flush_marks_quietly();
       consecutive_errors++;
       {
         std::lock_guard lock(impl_->stats_mutex);
@@ -465,6 +610,8 @@ void OutboxRelay::run(std::stop_token stop) {
       sleep_for(stop, wait);
     }
   }
+  impl_->release_quietly(next);
+  impl_->flush_marks_quietly();
   logger()->info("outbox relay {} stopped", o.relay_id);
 }
 

@@ -21,6 +21,12 @@
 // rows released unpublished. A row NATS cannot carry (blank in the subject, over max_payload,
 // bad headers) is failed before anything is sent. A round that could outlast the lease is not
 // started; its rows are released.
+//
+// run() and drain() claim the next batch on a second thread while the current one publishes
+// (when the lease covers two batches back to back, which the defaults do), so the database work
+// overlaps the network work. The claim rule keeps that safe: rows being published are held by
+// this relay, so the batch claimed ahead holds no later row of their keys. A batch claimed ahead
+// that is not published (stop, NATS outage, error) is given back without an attempt.
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -97,7 +103,8 @@ class OutboxRelay {
   /// released without an attempt): a drain that ended this way did not finish.
   [[nodiscard]] bool nats_unavailable() const noexcept;
   /// Cycles until `stop`; waits poll_interval when idle, backs off after errors (logged, never
-  /// thrown), runs cleanup every cleanup_interval. Finishes the batch in flight before returning.
+  /// thrown), runs cleanup every cleanup_interval. On stop, finishes the round in flight and gives
+  /// back the rows not yet published (no attempt counted) before returning.
   void run(std::stop_token stop);
   /// Deletes sent rows older than cleanup_after, in bounded batches. Returns rows deleted.
   std::size_t cleanup();
