@@ -300,7 +300,24 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
   outage = false;
   auto rows = std::move(batch.rows);
   if (rows.empty()) return 0;
-  const auto started = batch.at;
+  auto started = batch.at;
+  if (batch.prefetched && std::chrono::steady_clock::now() - started >= o.lease / 4) {
+    // Claimed ahead behind a long batch: renew its lease rather than let its rounds be skipped
+    // (and the same rows claimed ahead and skipped again behind every long batch). A row no
+    // longer ours (its lease ended and another relay took it) gives the whole batch back.
+    std::vector<std::int64_t> ids;
+    for (const auto& row : rows) ids.push_back(row.id);
+    const auto now = std::chrono::steady_clock::now();
+    if (with_store([&](OutboxStore& st) { return st.renew_lease(o.relay_id, ids, o.lease); }) == ids.size()) {
+      started = now;
+      batch.prefetched = false;
+    } else {
+      const auto n = with_store([&](OutboxStore& st) { return st.release(o.relay_id, ids); });
+      std::lock_guard lock(stats_mutex);
+      stats.released += n;
+      return rows.size();
+    }
+  }
 
   // Rows the server could not take are failed now, before anything is sent; the later rows of
   // their key in this batch go back unpublished and then wait behind the failed row (claim rule).
@@ -366,6 +383,8 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     // the lease is not started (another relay could then claim its rows while they are in
     // flight). The first round always goes: the constructor made sure the lease covers it, and
     // skipping it after a slow claim would release the batch and claim it again, for ever.
+    // Marked before the lease check below: the mark may wait for the claim ahead.
+    if (std::chrono::steady_clock::now() - last_mark >= std::chrono::milliseconds(200)) mark_acked();
     // A batch claimed ahead has waited for the previous one, so its first round is checked too
     // (its rows are released and the next claim, not made ahead, starts afresh).
     const auto round_max = o.ack_timeout * static_cast<int64_t>((go.size() + bo.window - 1) / bo.window);
@@ -379,7 +398,6 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     std::vector<RawMessage> messages;
     messages.reserve(go.size());
     for (auto i : go) messages.push_back(to_message(rows[i]));
-    if (std::chrono::steady_clock::now() - last_mark >= std::chrono::milliseconds(200)) mark_acked();
     const auto results = publisher->publish_raw_batch(messages, bo);
     ++published_rounds;
     for (std::size_t k = 0; k < go.size(); ++k) {
@@ -486,11 +504,24 @@ std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, 
     if (batch.rows.empty()) return 0;
   }
   if (pipelined && !stop.stop_requested() && connection->connected()) {
-    // The previous batch's acknowledged rows are marked sent in the same thread, just before
-    // the claim, off the publishing thread's path.
-    next = std::async(std::launch::async, [this, ids = take_unmarked()]() mutable {
-      mark_or_keep(std::move(ids));
-      return claim(true);
+    // The previous batch's acknowledged rows are marked sent in the claim's transaction, off the
+    // publishing thread's path (one commit for both).
+    next = std::async(std::launch::async, [this] {
+      auto ids = take_unmarked();  // taken here: a thread that never starts loses none
+      Claimed c;
+      c.at = std::chrono::steady_clock::now();
+      c.prefetched = true;
+      try {
+        c.rows = with_store([&](OutboxStore& st) {
+          return st.mark_sent_and_claim(options.relay_id, ids, options.delete_sent, options.batch_size, options.lease,
+                                        up_to_id);
+        });
+      } catch (...) {
+        std::lock_guard lock(marks_mutex);  // neither happened: mark them next time
+        unmarked.insert(unmarked.end(), ids.begin(), ids.end());
+        throw;
+      }
+      return c;
     });
   } else {
     flush_marks();

@@ -477,6 +477,51 @@ TEST_CASE("postgres: per-key order: runs of one key, waiting behind held, backin
   per_key_order_rules(fresh_postgres_database("outbox_order"));
 }
 
+// The relay's claim ahead marks the last batch in the claim's transaction: the claim already
+// sees those rows sent, so the next rows of their keys come in the same call.
+void mark_sent_and_claim_in_one(const std::string& url) {
+  auto db = open_migrated(url);
+  auto store = make_outbox_store(*db);
+  db->in_transaction([](Transaction& tx) {
+    for (int i = 0; i < 3; ++i) enqueue(tx, message("k-" + std::to_string(i), "k"));
+    enqueue(tx, message("d-0", "d"));
+    enqueue(tx, message("d-1", "d"));
+  });
+  auto first = store->claim("relay-1", 1, 30s);
+  REQUIRE(events_of(first) == std::vector<std::string>{"k-0"});
+  auto second = store->mark_sent_and_claim("relay-1", ids_of(first), false, 1, 30s, std::numeric_limits<std::int64_t>::max());
+  CHECK(events_of(second) == std::vector<std::string>{"k-1"});
+  CHECK(count(*db, "SELECT count(*) FROM natspubsub_outbox WHERE status = 'sent'") == 1);
+  auto third = store->mark_sent_and_claim("relay-1", ids_of(second), true, 10, 30s, std::numeric_limits<std::int64_t>::max());
+  CHECK(events_of(third) == std::vector<std::string>{"k-2", "d-0", "d-1"});
+  CHECK(count(*db, "SELECT count(*) FROM natspubsub_outbox") == 4);  // k-1 deleted
+  // Marks only what relay-1 holds: relay-2's ids are left alone.
+  CHECK(store->mark_sent_and_claim("relay-2", ids_of(third), false, 10, 30s, std::numeric_limits<std::int64_t>::max()).empty());
+  CHECK(count(*db, "SELECT count(*) FROM natspubsub_outbox WHERE status = 'publishing'") == 3);
+
+  // relay-1's batch outlives its lease while still publishing: its claim ahead does not take
+  // those rows back, nor the rows behind them; another relay may.
+  db->in_transaction([](Transaction& tx) {
+    enqueue(tx, message("d-2", "d"));
+    enqueue(tx, message("u-0"));
+  });
+  CHECK(store->release("relay-1", ids_of(third)) == 3);
+  auto short_lease = store->claim("relay-1", 3, 50ms);
+  REQUIRE(events_of(short_lease) == std::vector<std::string>{"k-2", "d-0", "d-1"});
+  std::this_thread::sleep_for(150ms);
+  CHECK(events_of(store->mark_sent_and_claim("relay-1", {}, false, 10, 30s, std::numeric_limits<std::int64_t>::max())) ==
+        std::vector<std::string>{"u-0"});
+  CHECK(events_of(store->claim("relay-2", 10, 30s)) == std::vector<std::string>{"k-2", "d-0", "d-1", "d-2"});
+}
+
+TEST_CASE("sqlite: mark_sent_and_claim marks and claims in one transaction, the claim seeing the marks") {
+  TempDir dir;
+  mark_sent_and_claim_in_one(sqlite_url(dir));
+}
+TEST_CASE("postgres: mark_sent_and_claim marks and claims in one transaction, the claim seeing the marks") {
+  mark_sent_and_claim_in_one(fresh_postgres_database("outbox_mark_claim"));
+}
+
 // PostgreSQL claims look at a bounded window of unsent rows (src/store/postgres_outbox.cpp), so
 // that a claim while another relay holds the head of every key stays cheap. The window must not
 // let a key with many due rows behind a long-lived blocker (failed, in backoff, scheduled later)
@@ -517,6 +562,27 @@ TEST_CASE("postgres: the claim window leaves out keys behind failed, backing-off
   auto again = store->claim("relay-1", 10, 30s);
   REQUIRE(again.size() == 10);
   for (int i = 0; i < 10; ++i) CHECK(again[static_cast<std::size_t>(i)].event_id == "backoff-" + std::to_string(i));
+}
+
+// Rows that are not due themselves (backoff, scheduled later) and rows other relays hold do not
+// fill the window either: with a batch of 10 (window 40), 50 unkeyed rows in backoff and 50 held
+// by two other relays come before the due ones.
+TEST_CASE("postgres: the claim window skips rows in backoff and rows other relays hold") {
+  const auto url = fresh_postgres_database("outbox_window_due");
+  auto db = open_migrated(url);
+  auto store = make_outbox_store(*db);
+  db->in_transaction([](Transaction& tx) {
+    for (int i = 0; i < 150; ++i) enqueue(tx, message("u-" + std::to_string(i)));
+  });
+  db->in_transaction([](Transaction& tx) {
+    tx.execute("UPDATE natspubsub_outbox SET attempts = 2, next_attempt_at = now() + interval '10 minutes' "
+               "WHERE id IN (SELECT id FROM natspubsub_outbox ORDER BY id LIMIT 50)");
+  });
+  CHECK(store->claim("relay-1", 25, 30s).size() == 25);
+  CHECK(store->claim("relay-2", 25, 30s).size() == 25);
+  auto rows = store->claim("relay-3", 10, 30s);
+  REQUIRE(rows.size() == 10);
+  CHECK(rows.front().event_id == "u-100");
 }
 
 // Another relay's batch holds the earliest rows of every key: a claim finds nothing claimable in

@@ -174,6 +174,17 @@ class OutboxStore {
                                              std::chrono::milliseconds lease) {
     return claim(relay_id, batch_size, lease, std::numeric_limits<std::int64_t>::max());
   }
+  /// The claim a relay makes ahead, while its previous batch may still be publishing:
+  /// mark_sent (or delete_sent when `delete_sent`) of `sent_ids`, then claim(), in one
+  /// transaction (either both happen or neither), except that rows `relay_id` holds are never
+  /// taken, even with their lease ended: they count as held, for themselves and for the later
+  /// rows of their key. (A batch that outlived its lease must not be claimed again under the
+  /// same relay id while it is still being published and marked.)
+  [[nodiscard]] virtual std::vector<OutboxRow> mark_sent_and_claim(std::string_view relay_id,
+                                                                   std::span<const std::int64_t> sent_ids,
+                                                                   bool delete_sent, std::size_t batch_size,
+                                                                   std::chrono::milliseconds lease,
+                                                                   std::int64_t up_to_id) = 0;
   /// Extends the lease of held rows (a slow publish); returns how many were still held.
   virtual std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
                                   std::chrono::milliseconds lease) = 0;

@@ -31,23 +31,34 @@ constexpr std::string_view kColumns =
     "id, event_id, subject, payload, headers::text, partition_key, status, attempts, last_error, "
     "(extract(epoch FROM next_attempt_at) * 1000)::bigint, (extract(epoch FROM created_at) * 1000)::bigint";
 
-// $1 relay, $2 batch size, $3 lease (ms), $4 largest id to take, $5 window. See OutboxStore for
-// the per-key rule.
+// $1 relay, $2 batch size, $3 lease (ms), $4 largest id to take, $5 window, $6 a relay whose rows
+// are never taken even with their lease ended (NULL: none). See OutboxStore for the per-key rule.
 //
-// The window: a claim looks only at the first $5 unsent rows in id order (`bound`), leaving out
-// the keys that wait behind a long-lived blocker (a failed row, or one in backoff), which
-// natspubsub_outbox_blocked_idx finds cheaply. Without the window, a claim while another relay's
-// batch holds the earliest row of every key (100 hot keys, 5 rows each in a batch of 500) tested
-// every one of 200,000 later rows and found none claimable, for 42 s, holding the claim lock.
-// Without leaving out the long-blocked keys, a key with more due rows than the window behind a
-// failed row would fill the window and starve every other key for as long as its blocker lasts.
-// What is left in the window can only wait behind a row another relay is publishing, which
-// ends within its lease.
+// $6 is the claiming relay itself when it claims ahead, while its previous batch may still be
+// publishing: if that batch outlived its lease, taking its rows back under the same relay id
+// would let the two batches' marks and releases mix up (a row published twice, or after a
+// later row of its key). Its rows then count as held, for the row and for the rows behind it.
+//
+// The window: a claim looks only at the first $5 unsent rows in id order (`bound`) that could be
+// claimable now or soon: rows not due yet (backoff, scheduled later) and rows another relay holds
+// under a live lease are left out, and so are keys waiting behind a long-lived blocker (a failed
+// row, or one in backoff), which natspubsub_outbox_blocked_idx finds cheaply. Without the
+// window, a claim while another relay's batch holds the earliest row of every key (100 hot keys,
+// 5 rows each in a batch of 500) tested every one of 200,000 later rows and found none
+// claimable, for 42 s, holding the claim lock. Without leaving those rows out, a key with more
+// due rows than the window behind a failed row, or more rows in backoff than the window, would
+// fill it and starve every later row for as long as they last. What can still fill the window
+// is rows waiting behind a row another relay is publishing, which ends within its lease.
+// Leaving a row out costs a step of the index walk: the walk is as long as the rows in backoff,
+// held, or behind a long-lived blocker below the window's end.
 constexpr std::string_view kClaim = R"sql(
 WITH bound AS (
   SELECT max(w.id) AS id FROM (
     SELECT o.id FROM natspubsub_outbox AS o
     WHERE o.status IN ('pending', 'publishing') AND o.id <= $4
+      AND ((o.status = 'pending' AND o.next_attempt_at <= now())
+           OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()
+               AND o.locked_by IS DISTINCT FROM $6))
       AND (o.partition_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM natspubsub_outbox AS b
             WHERE b.partition_key = o.partition_key AND b.id < o.id
@@ -59,12 +70,14 @@ candidates AS (
   SELECT o.id FROM natspubsub_outbox AS o
   WHERE o.status IN ('pending', 'publishing') AND o.id <= $4 AND o.id <= (SELECT id FROM bound)
     AND ((o.status = 'pending' AND o.next_attempt_at <= now())
-         OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
+         OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()
+             AND o.locked_by IS DISTINCT FROM $6))
     AND (o.partition_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM natspubsub_outbox AS e
           WHERE e.partition_key = o.partition_key AND e.id < o.id AND e.status <> 'sent'
             AND NOT ((e.status = 'pending' AND e.next_attempt_at <= now())
-                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, '-infinity') < now()))))
+                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, '-infinity') < now()
+                         AND e.locked_by IS DISTINCT FROM $6))))
   ORDER BY o.id
   LIMIT $2
   FOR UPDATE SKIP LOCKED)
@@ -81,6 +94,11 @@ RETURNING t.id, t.event_id, t.subject, t.payload, t.headers::text, t.partition_k
 constexpr std::int64_t kWindowPerRow = 4;
 
 constexpr std::string_view kHeld = " AND status = 'publishing' AND locked_by = $1";
+// $1 relay, $2 ids (a bigint[] literal); followed by kHeld.
+constexpr std::string_view kMarkSent =
+    "UPDATE natspubsub_outbox SET status = 'sent', sent_at = now(), locked_by = NULL, locked_until = NULL "
+    "WHERE id = ANY($2::bigint[])";
+constexpr std::string_view kDeleteSent = "DELETE FROM natspubsub_outbox WHERE id = ANY($2::bigint[])";
 
 class PostgresOutboxStore final : public OutboxStore {
  public:
@@ -88,8 +106,35 @@ class PostgresOutboxStore final : public OutboxStore {
 
   std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size, std::chrono::milliseconds lease,
                                std::int64_t up_to_id) override {
-    if (batch_size == 0) return {};
+    return claim_after(relay_id, {}, false, batch_size, lease, up_to_id, false);
+  }
+
+  std::vector<OutboxRow> mark_sent_and_claim(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
+                                             bool delete_sent, std::size_t batch_size,
+                                             std::chrono::milliseconds lease, std::int64_t up_to_id) override {
+    return claim_after(relay_id, sent_ids, delete_sent, batch_size, lease, up_to_id, true);
+  }
+
+  std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
+                          std::chrono::milliseconds lease) override {
+    return update_held("renewing outbox leases", true,
+                       "UPDATE natspubsub_outbox SET locked_until = now() + make_interval(secs => "
+                       "$3::double precision / 1000) WHERE id = ANY($2::bigint[])",
+                       relay_id, ids, lease.count());
+  }
+
+ private:
+  std::vector<OutboxRow> claim_after(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
+                                     bool delete_sent, std::size_t batch_size, std::chrono::milliseconds lease,
+                                     std::int64_t up_to_id, bool ahead) {
+    if (batch_size == 0) {
+      if (!sent_ids.empty()) delete_sent ? this->delete_sent(relay_id, sent_ids) : mark_sent(relay_id, sent_ids);
+      return {};
+    }
     auto rows = transact("claiming outbox rows", /*claim_lock=*/true, [&](pqxx::work& txn) {
+      if (!sent_ids.empty())
+        exec(txn, std::string(delete_sent ? kDeleteSent : kMarkSent) + std::string(kHeld),
+             {relay_id, pg_array(sent_ids)});
       // A backlog builds up exactly when the table's statistics are stale (a burst after an
       // ANALYZE that saw almost only sent rows, or a table never analyzed): the planner then
       // estimates a handful of claimable rows and picks a bitmap scan of *all* claimable rows
@@ -106,29 +151,21 @@ class PostgresOutboxStore final : public OutboxStore {
       // JIT on every claim: 490 ms of a 750 ms claim. Without both: 30-36 ms. One round trip for all three.
       txn.exec("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off");
       const auto batch = static_cast<std::int64_t>(batch_size);
-      return exec(txn, kClaim, {relay_id, batch, lease.count(), up_to_id, batch * kWindowPerRow});
+      return exec(txn, kClaim,
+                  {relay_id, batch, lease.count(), up_to_id, batch * kWindowPerRow,
+                   ahead ? store::Value(relay_id) : store::Value()});
     });
     return to_sorted_rows(rows);
   }
 
-  std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
-                          std::chrono::milliseconds lease) override {
-    return update_held("renewing outbox leases", true,
-                       "UPDATE natspubsub_outbox SET locked_until = now() + make_interval(secs => "
-                       "$3::double precision / 1000) WHERE id = ANY($2::bigint[])",
-                       relay_id, ids, lease.count());
-  }
+ public:
 
   std::size_t mark_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
-    return update_held("marking outbox rows sent", false,
-                       "UPDATE natspubsub_outbox SET status = 'sent', sent_at = now(), locked_by = NULL, "
-                       "locked_until = NULL WHERE id = ANY($2::bigint[])",
-                       relay_id, ids, std::nullopt);
+    return update_held("marking outbox rows sent", false, kMarkSent, relay_id, ids, std::nullopt);
   }
 
   std::size_t delete_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
-    return update_held("deleting sent outbox rows", false,
-                       "DELETE FROM natspubsub_outbox WHERE id = ANY($2::bigint[])", relay_id, ids, std::nullopt);
+    return update_held("deleting sent outbox rows", false, kDeleteSent, relay_id, ids, std::nullopt);
   }
 
   OutboxFailResult mark_failed(std::string_view relay_id, std::span<const OutboxFailure> failures,
@@ -160,7 +197,8 @@ RETURNING t.id, t.status)sql",
 
   std::size_t release(std::string_view relay_id, std::span<const std::int64_t> ids) override {
     return update_held("releasing outbox rows", true,
-                       "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = now(), locked_by = NULL, "
+                       "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = LEAST(next_attempt_at, now()), "
+                       "locked_by = NULL, "
                        "locked_until = NULL WHERE id = ANY($2::bigint[])",
                        relay_id, ids, std::nullopt);
   }

@@ -15,7 +15,9 @@ constexpr std::string_view kColumns =
     "id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at, "
     "created_at";
 
-// $1 relay, $2 batch size, $3 now (ms), $4 lease end (ms), $5 largest id to take. The per-key rule is documented on
+// $1 relay, $2 batch size, $3 now (ms), $4 lease end (ms), $5 largest id to take, $6 a relay whose
+// rows are never taken even with their lease ended (NULL: none; the relay itself when it claims
+// ahead, see OutboxStore::mark_sent_and_claim). The per-key rule is documented on
 // OutboxStore: a keyed row is claimable only when every earlier unsent row of its key is
 // claimable too (and so, by ORDER BY id, in the same batch). `status IN (...)` is repeated so
 // SQLite can use the partial claim index.
@@ -26,18 +28,23 @@ WHERE id IN (
   SELECT o.id FROM natspubsub_outbox AS o
   WHERE o.status IN ('pending', 'publishing') AND o.id <= $5
     AND ((o.status = 'pending' AND o.next_attempt_at <= $3)
-         OR (o.status = 'publishing' AND COALESCE(o.locked_until, 0) < $3))
+         OR (o.status = 'publishing' AND COALESCE(o.locked_until, 0) < $3 AND o.locked_by IS NOT $6))
     AND (o.partition_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM natspubsub_outbox AS e
           WHERE e.partition_key = o.partition_key AND e.id < o.id AND e.status <> 'sent'
             AND NOT ((e.status = 'pending' AND e.next_attempt_at <= $3)
-                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, 0) < $3))))
+                     OR (e.status = 'publishing' AND COALESCE(e.locked_until, 0) < $3 AND e.locked_by IS NOT $6))))
   ORDER BY o.id
   LIMIT $2)
 RETURNING id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at,
           created_at)sql";
 
 constexpr std::string_view kHeld = " AND status = 'publishing' AND locked_by = $1";
+// $1 relay, $2 ids (a JSON array), $3 now (ms); followed by kHeld.
+constexpr std::string_view kMarkSent =
+    "UPDATE natspubsub_outbox SET status = 'sent', sent_at = $3, locked_by = NULL, locked_until = NULL "
+    "WHERE id IN (SELECT value FROM json_each($2))";
+constexpr std::string_view kDeleteSent = "DELETE FROM natspubsub_outbox WHERE id IN (SELECT value FROM json_each($2))";
 
 class SqliteOutboxStore final : public OutboxStore {
  public:
@@ -45,11 +52,28 @@ class SqliteOutboxStore final : public OutboxStore {
 
   std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size, std::chrono::milliseconds lease,
                                std::int64_t up_to_id) override {
-    if (batch_size == 0) return {};
+    return claim_after(relay_id, {}, false, batch_size, lease, up_to_id, false);
+  }
+
+  std::vector<OutboxRow> mark_sent_and_claim(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
+                                             bool delete_sent, std::size_t batch_size,
+                                             std::chrono::milliseconds lease, std::int64_t up_to_id) override {
+    return claim_after(relay_id, sent_ids, delete_sent, batch_size, lease, up_to_id, true);
+  }
+
+  std::vector<OutboxRow> claim_after(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
+                                     bool delete_sent, std::size_t batch_size, std::chrono::milliseconds lease,
+                                     std::int64_t up_to_id, bool ahead) {
+    if (batch_size == 0 && sent_ids.empty()) return {};
     auto now = unix_ms_now();
     auto txn = db_.begin();
-    auto rows =
-        txn.query(kClaim, {relay_id, static_cast<std::int64_t>(batch_size), now, now + lease.count(), up_to_id});
+    if (!sent_ids.empty())
+      txn.execute(std::string(delete_sent ? kDeleteSent : kMarkSent) + std::string(kHeld),
+                  delete_sent ? store::Params{relay_id, ids_json(sent_ids)} : store::Params{relay_id, ids_json(sent_ids), now});
+    std::vector<store::Row> rows;
+    if (batch_size > 0)
+      rows = txn.query(kClaim, {relay_id, static_cast<std::int64_t>(batch_size), now, now + lease.count(), up_to_id,
+                                ahead ? store::Value(relay_id) : store::Value()});
     txn.commit();
     return to_sorted_rows(rows);
   }
@@ -62,19 +86,13 @@ class SqliteOutboxStore final : public OutboxStore {
   }
 
   std::size_t mark_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
-    return update_held(
-        "UPDATE natspubsub_outbox SET status = 'sent', sent_at = $3, locked_by = NULL, locked_until = NULL "
-        "WHERE id IN (SELECT value FROM json_each($2))",
-        relay_id, ids, unix_ms_now());
+    return update_held(std::string(kMarkSent), relay_id, ids, unix_ms_now());
   }
 
   std::size_t delete_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
     if (ids.empty()) return 0;
     auto txn = db_.begin();
-    auto n = txn.execute(
-        std::string("DELETE FROM natspubsub_outbox WHERE id IN (SELECT value FROM json_each($2))") +
-            std::string(kHeld),
-        {relay_id, ids_json(ids)});
+    auto n = txn.execute(std::string(kDeleteSent) + std::string(kHeld), {relay_id, ids_json(ids)});
     txn.commit();
     return static_cast<std::size_t>(n);
   }
@@ -110,7 +128,7 @@ RETURNING id, status)sql",
 
   std::size_t release(std::string_view relay_id, std::span<const std::int64_t> ids) override {
     return update_held(
-        "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = $3, locked_by = NULL, "
+        "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = MIN(next_attempt_at, $3), locked_by = NULL, "
         "locked_until = NULL WHERE id IN (SELECT value FROM json_each($2))",
         relay_id, ids, unix_ms_now());
   }
