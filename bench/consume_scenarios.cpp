@@ -202,8 +202,13 @@ Result run_inbox(Context& ctx, const std::string& backend, const InboxHandler::D
   ConsumeBench b(ctx, "inbox_" + backend);
   const int n = s.inbox_count;
   Sides sides;
-  auto library = [&](int count) {
-    InboxHandler handler(open, [](const Message&, store::Transaction&) {});
+  // max_batch 1: one transaction per message (how every message ran before batches).
+  // write: the handler inserts one row, so each message also takes its savepoint.
+  auto library = [&](int count, int max_batch = InboxHandler(open, {}).max_batch(), bool write = false) {
+    InboxHandler handler(open, [write](const Message& m, store::Transaction& tx) {
+      if (write) tx.execute("INSERT INTO bench_effects (event_id) VALUES ($1)", {m.envelope.event_id});
+    });
+    handler.max_batch(max_batch);
     auto result = b.library(count, tuned(t), handler);
     if (handler.processed() != static_cast<uint64_t>(count))
       throw std::runtime_error("inbox " + backend + ": " + std::to_string(handler.processed()) + " processed of " +
@@ -216,6 +221,14 @@ Result run_inbox(Context& ctx, const std::string& backend, const InboxHandler::D
         (void)library(std::max(50, n / 10));
         (void)b.baseline(std::max(50, n / 10), t.raw_batch);
       });
+  // Not interleaved with the baseline: the same library with batches off, and with a handler
+  // that writes one row (batches on), for the ratio of each to the baseline median above.
+  std::vector<double> per_message_runs;
+  std::vector<double> one_write_runs;
+  for (int i = 0; i < s.slow_repetitions; ++i) {
+    per_message_runs.push_back(library(n, 1).rate);
+    one_write_runs.push_back(library(n, InboxHandler(open, {}).max_batch(), true).rate);
+  }
   Result r;
   r.scenario = "consume_inbox_" + backend;
   r.unit = "msgs/s";
@@ -226,7 +239,14 @@ Result run_inbox(Context& ctx, const std::string& backend, const InboxHandler::D
   r.baseline_runs = raw_runs;
   r.target = {Target::Kind::ratio_at_least, 0.3};
   r.load_avg = load;
-  r.extra = {{"count", n}, {"concurrency", t.concurrency}, {"prefetch", t.prefetch}};
+  r.extra = {{"count", n},
+             {"concurrency", t.concurrency},
+             {"prefetch", t.prefetch},
+             {"max_batch", InboxHandler(open, {}).max_batch()},
+             {"library_per_message", median(per_message_runs)},
+             {"ratio_per_message", median(per_message_runs) / median(raw_runs)},
+             {"library_one_write", median(one_write_runs)},
+             {"ratio_one_write", median(one_write_runs) / median(raw_runs)}};
   sides.add_to(r);
   return r;
 }
@@ -236,6 +256,7 @@ std::vector<Result> run_inbox_sqlite(Context& ctx) {
   {
     store::SqliteDatabase db(path);
     store::migrate(db);
+    db.in_transaction([](store::Transaction& tx) { tx.execute("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)"); });
   }
   return {run_inbox(ctx, "sqlite", [path] { return std::make_unique<store::SqliteDatabase>(path); })};
 }
@@ -245,6 +266,7 @@ std::vector<Result> run_inbox_postgres(Context& ctx) {
   {
     store::PostgresDatabase db(url);
     store::migrate(db);
+    db.in_transaction([](store::Transaction& tx) { tx.execute("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)"); });
   }
   return {run_inbox(ctx, "postgres", [url] { return std::make_unique<store::PostgresDatabase>(url); })};
 }
