@@ -25,6 +25,10 @@ struct InboxHandler::State {
   Fn handler;
   std::atomic<int> max_batch{kDefaultMaxBatch};
   std::mutex mutex;
+  // SQLite has one writer: workers of this handler take turns here, woken as soon as the
+  // transaction before them ends, instead of in SQLite's busy handler, which sleeps 1, 2, 5,
+  // 10 ... ms between tries. Other processes on the same file still meet the busy handler.
+  std::mutex sqlite_writer;
   // Idle connections with their inbox; a worker takes one, uses it alone, gives it back.
   std::vector<Lease> idle;
   std::atomic<uint64_t> processed{0};
@@ -47,6 +51,11 @@ struct InboxHandler::State {
       lease.second = make_inbox(*lease.first);
     }
     return lease;
+  }
+
+  std::unique_lock<std::mutex> writer_turn(const store::Database& db) {
+    if (db.backend() == store::Backend::sqlite) return std::unique_lock(sqlite_writer);
+    return {};
   }
 
   void give_back(Lease lease) {
@@ -100,6 +109,7 @@ void InboxHandler::operator()(const Message& message) const {
   }
 
   auto lease = s.take();
+  auto turn = s.writer_turn(*lease.first);
   try {
     auto result = lease.second->process(key, [&](store::Transaction& tx) { s.handler(message, tx); });
     (result == InboxResult::duplicate ? s.duplicates : s.processed).fetch_add(1);
@@ -125,18 +135,23 @@ InboxHandler& InboxHandler::max_batch(int max_messages) {
 
 int InboxHandler::max_batch() const noexcept { return state_->max_batch.load(); }
 
-std::exception_ptr InboxHandler::run_batch(std::size_t count, const std::function<void(std::size_t)>& run) const {
+std::exception_ptr InboxHandler::run_batch(const std::vector<const Message*>& messages,
+                                           const std::function<void(std::size_t)>& run) const {
   auto& s = *state_;
+  const std::size_t count = messages.size();
   State::Lease lease;
   std::unique_ptr<detail::InboxBatch> batch;
   // An idle connection may have died meanwhile (a database restart): its BEGIN fails before any
   // handler ran, so a fresh connection is tried once before the whole batch fails.
+  std::unique_lock<std::mutex> turn;
   for (int attempt = 0;; ++attempt) {
     try {
       lease = s.take();
+      turn = s.writer_turn(*lease.first);
       batch = detail::begin_inbox_batch(*lease.first);
       break;
     } catch (const store::RetryableDatabaseError&) {
+      turn = {};
       lease = {};
       if (attempt == 0) continue;
       s.failures.fetch_add(count);
@@ -148,6 +163,17 @@ std::exception_ptr InboxHandler::run_batch(std::size_t count, const std::functio
   }
   s.batches.fetch_add(1);
   s.batched.fetch_add(count);
+
+  std::exception_ptr error;
+  try {
+    std::vector<InboxKey> keys;
+    keys.reserve(count);
+    for (const auto* m : messages) keys.push_back(key_of(*m));
+    batch->reserve(keys);
+  } catch (...) {
+    // An empty key is refused again, alone, by process(); a database error leaves the batch
+    // broken, and every process() then fails without running its handler.
+  }
 
   BatchScope scope;
   scope.owner = state_.get();
@@ -162,7 +188,6 @@ std::exception_ptr InboxHandler::run_batch(std::size_t count, const std::functio
   }
   current_batch = previous;
 
-  std::exception_ptr error;
   try {
     batch->commit();
   } catch (...) {

@@ -300,8 +300,11 @@ void Subscription::process_batch(std::vector<DeliveryPtr>& taken) {
 
   // Each message runs through the middleware chain, which ends in the InboxHandler: inside the
   // batch's transaction, after its own savepoint. Acks only after the commit.
+  std::vector<const Message*> messages;
+  messages.reserve(items.size());
+  for (const auto& item : items) messages.push_back(&item.message);
   const std::exception_ptr not_committed =
-      inbox->run_batch(items.size(), [&](std::size_t i) { items[i].failure = run_handler(items[i].message); });
+      inbox->run_batch(messages, [&](std::size_t i) { items[i].failure = run_handler(items[i].message); });
   if (not_committed) {
     // Nothing of the batch is stored: every message fails as it would alone on that error.
     HandlerFailure failure{not_committed, {}, {}};

@@ -30,6 +30,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include <natspubsub/message.hpp>
 #include <natspubsub/store/database.hpp>
@@ -51,12 +52,13 @@ class InboxHandler {
   InboxHandler& max_batch(int max_messages);
   [[nodiscard]] int max_batch() const noexcept;
 
-  /// Opens one transaction, calls `run(i)` for i in [0, count) on this thread, and commits.
-  /// `run(i)` must not throw; it calls this handler (through the consumer's middleware) for the
-  /// i-th message, which then runs inside the transaction. Returns nullptr when the transaction
+  /// Opens one transaction, calls `run(i)` for each message on this thread, and commits.
+  /// `run(i)` must not throw; it calls this handler (through the consumer's middleware) for
+  /// messages[i], which then runs inside the transaction. Returns nullptr when the transaction
   /// committed, else why not (a failed BEGIN or COMMIT, a lost connection): nothing of the batch
   /// is stored then. Handler exceptions reach `run`'s caller as from operator().
-  [[nodiscard]] std::exception_ptr run_batch(std::size_t count, const std::function<void(std::size_t)>& run) const;
+  [[nodiscard]] std::exception_ptr run_batch(const std::vector<const Message*>& messages,
+                                             const std::function<void(std::size_t)>& run) const;
 
   [[nodiscard]] uint64_t processed() const noexcept;
   [[nodiscard]] uint64_t duplicates() const noexcept;
