@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <natspubsub/inbox.hpp>
@@ -15,6 +17,7 @@ namespace {
 
 constexpr int kDefaultMaxBatch = 32;
 constexpr int kMaxBatchLimit = 64;
+constexpr std::chrono::milliseconds kTurnTimeout{5000};
 
 }  // namespace
 
@@ -28,7 +31,10 @@ struct InboxHandler::State {
   // SQLite has one writer: workers of this handler take turns here, woken as soon as the
   // transaction before them ends, instead of in SQLite's busy handler, which sleeps 1, 2, 5,
   // 10 ... ms between tries. Other processes on the same file still meet the busy handler.
-  std::mutex sqlite_writer;
+  std::timed_mutex sqlite_writer;
+  // Known once a connection was opened. The turn is then taken before a connection is: the one
+  // given back last is used again, whose page cache another connection's commit did not make stale.
+  std::atomic<bool> sqlite{false};
   // Idle connections with their inbox; a worker takes one, uses it alone, gives it back.
   std::vector<Lease> idle;
   std::atomic<uint64_t> processed{0};
@@ -49,13 +55,25 @@ struct InboxHandler::State {
     if (!lease.first) {
       lease.first = open_database();
       lease.second = make_inbox(*lease.first);
+      if (lease.first->backend() == store::Backend::sqlite) sqlite = true;
     }
     return lease;
   }
 
-  std::unique_lock<std::mutex> writer_turn(const store::Database& db) {
-    if (db.backend() == store::Backend::sqlite) return std::unique_lock(sqlite_writer);
-    return {};
+  // The turn (SQLite), then a connection; `turn` may already be held.
+  Lease take_turn(std::unique_lock<std::timed_mutex>& turn) {
+    if (sqlite && !turn.owns_lock()) wait_turn(turn);
+    auto lease = take();
+    if (!turn.owns_lock() && lease.first->backend() == store::Backend::sqlite) wait_turn(turn);
+    return lease;
+  }
+
+  // As long as SQLite's own busy timeout (the library's default) would have waited.
+  void wait_turn(std::unique_lock<std::timed_mutex>& turn) {
+    turn = std::unique_lock(sqlite_writer, std::defer_lock);
+    if (!turn.try_lock_for(kTurnTimeout))
+      throw store::RetryableDatabaseError("inbox: another worker of this InboxHandler held the SQLite write turn for " +
+                                          std::to_string(kTurnTimeout.count()) + " ms");
   }
 
   void give_back(Lease lease) {
@@ -108,8 +126,8 @@ void InboxHandler::operator()(const Message& message) const {
     return;
   }
 
-  auto lease = s.take();
-  auto turn = s.writer_turn(*lease.first);
+  std::unique_lock<std::timed_mutex> turn;
+  auto lease = s.take_turn(turn);
   try {
     auto result = lease.second->process(key, [&](store::Transaction& tx) { s.handler(message, tx); });
     (result == InboxResult::duplicate ? s.duplicates : s.processed).fetch_add(1);
@@ -143,15 +161,13 @@ std::exception_ptr InboxHandler::run_batch(const std::vector<const Message*>& me
   std::unique_ptr<detail::InboxBatch> batch;
   // An idle connection may have died meanwhile (a database restart): its BEGIN fails before any
   // handler ran, so a fresh connection is tried once before the whole batch fails.
-  std::unique_lock<std::mutex> turn;
+  std::unique_lock<std::timed_mutex> turn;
   for (int attempt = 0;; ++attempt) {
     try {
-      lease = s.take();
-      turn = s.writer_turn(*lease.first);
+      lease = s.take_turn(turn);
       batch = detail::begin_inbox_batch(*lease.first);
       break;
     } catch (const store::RetryableDatabaseError&) {
-      turn = {};
       lease = {};
       if (attempt == 0) continue;
       s.failures.fetch_add(count);
