@@ -153,6 +153,33 @@ class PostgresInbox final : public Inbox {
 //
 // Two instances batching the same events in opposite orders can deadlock on the rows: one of
 // them gets 40P01 (RetryableDatabaseError), its whole batch rolls back and is retried.
+// PostgreSQL text holds neither NUL nor invalid UTF-8 (22021). Such a key must fail its own
+// delivery before any statement, not abort the batch's transaction for all the others.
+// (Lead and continuation bytes only: overlong forms and surrogates still reach the server.)
+bool storable(const std::string& text) {
+  const std::size_t n = text.size();
+  for (std::size_t i = 0; i < n;) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    std::size_t extra = 0;
+    if (c == 0) return false;
+    if (c < 0x80) extra = 0;
+    else if ((c >> 5) == 0x6) extra = 1;
+    else if ((c >> 4) == 0xE) extra = 2;
+    else if ((c >> 3) == 0x1E) extra = 3;
+    else return false;
+    if (i + extra >= n && extra > 0) return false;
+    for (std::size_t k = 1; k <= extra; ++k) {
+      if ((static_cast<unsigned char>(text[i + k]) >> 6) != 0x2) return false;
+    }
+    i += extra + 1;
+  }
+  return true;
+}
+
+bool storable(const InboxKey& key) {
+  return storable(key.consumer) && storable(key.event_id) && storable(key.subject) && storable(key.stream);
+}
+
 class PostgresInboxBatch final : public InboxBatch {
  public:
   explicit PostgresInboxBatch(store::PostgresDatabase& db) : db_(db) {
@@ -170,7 +197,7 @@ class PostgresInboxBatch final : public InboxBatch {
     if (broken_ || keys.size() < 2) return;
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& key : keys) {
-      if (key.consumer.empty() || key.event_id.empty()) continue;  // refused by process()
+      if (key.consumer.empty() || key.event_id.empty() || !storable(key)) continue;  // refused by process()
       rows.push_back({{"consumer", key.consumer},
                       {"event_id", key.event_id},
                       {"subject", key.subject},
@@ -196,6 +223,11 @@ class PostgresInboxBatch final : public InboxBatch {
   InboxResult process(const InboxKey& key, const Inbox::Handler& handler) override {
     validate_inbox_key(key);
     if (broken_) throw store::RetryableDatabaseError("inbox batch: the transaction was aborted by an earlier error");
+    if (!storable(key)) {
+      throw store::DatabaseError("inbox: the key of " + key.event_id.substr(0, key.event_id.find('\0')) +
+                                     " holds a NUL byte or invalid UTF-8, which PostgreSQL text cannot store",
+                                 "22021");
+    }
     // A row reserve() inserted for this key is there already, as processed.
     if (reserved_.erase({key.consumer, key.event_id}) == 0) {
       try {
