@@ -202,20 +202,37 @@ Result run_inbox(Context& ctx, const std::string& backend, const InboxHandler::D
   ConsumeBench b(ctx, "inbox_" + backend);
   const int n = s.inbox_count;
   Sides sides;
-  auto library = [&](int count) {
-    InboxHandler handler(open, [](const Message&, store::Transaction&) {});
+  // max_batch 1: one transaction per message (how every message ran before batches).
+  // write: the handler inserts one row, so each message also takes its savepoint.
+  const int default_batch = InboxHandler(open, {}).max_batch();
+  std::vector<double> mean_batch;  // deliveries per batched transaction, per run
+  auto library = [&](int count, int max_batch, bool write) {
+    InboxHandler handler(open, [write](const Message& m, store::Transaction& tx) {
+      if (write) tx.execute("INSERT INTO bench_effects (event_id) VALUES ($1)", {m.envelope.event_id});
+    });
+    handler.max_batch(max_batch);
     auto result = b.library(count, tuned(t), handler);
+    if (max_batch > 1 && !write && handler.batches() > 0)
+      mean_batch.push_back(static_cast<double>(handler.batched()) / static_cast<double>(handler.batches()));
     if (handler.processed() != static_cast<uint64_t>(count))
       throw std::runtime_error("inbox " + backend + ": " + std::to_string(handler.processed()) + " processed of " +
                                std::to_string(count));
     return result;
   };
   auto [lib_runs, raw_runs] = interleave(
-      s.slow_repetitions, sides.library([&] { return library(n); }),
+      s.slow_repetitions, sides.library([&] { return library(n, default_batch, false); }),
       sides.baseline([&] { return b.baseline(n, t.raw_batch); }), [&] {
-        (void)library(std::max(50, n / 10));
+        (void)library(std::max(50, n / 10), default_batch, false);
         (void)b.baseline(std::max(50, n / 10), t.raw_batch);
       });
+  // Not interleaved with the baseline: the same library with batches off, and with a handler
+  // that writes one row (batches on), for the ratio of each to the baseline median above.
+  std::vector<double> per_message_runs;
+  std::vector<double> one_write_runs;
+  for (int i = 0; i < s.slow_repetitions; ++i) {
+    per_message_runs.push_back(library(n, 1, false).rate);
+    one_write_runs.push_back(library(n, default_batch, true).rate);
+  }
   Result r;
   r.scenario = "consume_inbox_" + backend;
   r.unit = "msgs/s";
@@ -226,7 +243,15 @@ Result run_inbox(Context& ctx, const std::string& backend, const InboxHandler::D
   r.baseline_runs = raw_runs;
   r.target = {Target::Kind::ratio_at_least, 0.3};
   r.load_avg = load;
-  r.extra = {{"count", n}, {"concurrency", t.concurrency}, {"prefetch", t.prefetch}};
+  r.extra = {{"count", n},
+             {"concurrency", t.concurrency},
+             {"prefetch", t.prefetch},
+             {"max_batch", default_batch},
+             {"mean_batch", mean_batch.empty() ? 0.0 : median(mean_batch)},
+             {"library_per_message", median(per_message_runs)},
+             {"ratio_per_message", median(per_message_runs) / median(raw_runs)},
+             {"library_one_write", median(one_write_runs)},
+             {"ratio_one_write", median(one_write_runs) / median(raw_runs)}};
   sides.add_to(r);
   return r;
 }
@@ -236,6 +261,7 @@ std::vector<Result> run_inbox_sqlite(Context& ctx) {
   {
     store::SqliteDatabase db(path);
     store::migrate(db);
+    db.in_transaction([](store::Transaction& tx) { tx.execute("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)"); });
   }
   return {run_inbox(ctx, "sqlite", [path] { return std::make_unique<store::SqliteDatabase>(path); })};
 }
@@ -245,6 +271,7 @@ std::vector<Result> run_inbox_postgres(Context& ctx) {
   {
     store::PostgresDatabase db(url);
     store::migrate(db);
+    db.in_transaction([](store::Transaction& tx) { tx.execute("CREATE TABLE bench_effects (event_id TEXT PRIMARY KEY)"); });
   }
   return {run_inbox(ctx, "postgres", [url] { return std::make_unique<store::PostgresDatabase>(url); })};
 }

@@ -188,6 +188,9 @@ struct Consumer::Impl {
     std::vector<Middleware> chain = middleware;
     chain.insert(chain.end(), o.middleware.begin(), o.middleware.end());
     s->chain = compose(chain, r.handler);
+    // Batches only for an InboxHandler given as it is: it is the innermost call of the chain.
+    if (const auto* inbox = r.handler.target<InboxHandler>(); inbox != nullptr && inbox->max_batch() > 1)
+      s->inbox = std::make_shared<InboxHandler>(*inbox);
     s->handler_stop = handler_stop.get_token();
 
     ConsumerSpec spec = Topology::consumer_spec(config, r.filter);

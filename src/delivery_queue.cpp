@@ -48,6 +48,18 @@ DeliveryPtr DeliveryQueue::take(const std::stop_token& st, Millis max_wait) {
   return d;
 }
 
+std::vector<DeliveryPtr> DeliveryQueue::take_queued(size_t max) {
+  std::vector<DeliveryPtr> out;
+  std::lock_guard lock(mutex_);
+  if (!accepting_) return out;
+  while (out.size() < max && !queue_.empty()) {
+    out.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+    running_++;
+  }
+  return out;
+}
+
 void DeliveryQueue::finish(const DeliveryPtr& d) {
   bool wake = false;
   {

@@ -50,6 +50,9 @@ class DeliveryQueue {
   /// The oldest queued delivery, counted as running; nullptr when none came within `max_wait`,
   /// when `st` is requested, or after close().
   DeliveryPtr take(const std::stop_token& st, Millis max_wait);
+  /// Up to `max` more deliveries that are queued right now (no waiting), oldest first, each
+  /// counted as running like take()'s; none after close(). For a worker running a batch.
+  std::vector<DeliveryPtr> take_queued(size_t max);
   /// A delivery from take() is done: no longer running nor outstanding. Wakes the fetcher and
   /// stop() when nothing runs, after close(), or when a pull is worth making.
   void finish(const DeliveryPtr& d);

@@ -39,6 +39,17 @@ std::unique_ptr<Inbox> make_inbox(store::Database& db) {
 
 namespace detail {
 
+std::unique_ptr<InboxBatch> begin_inbox_batch(store::Database& db) {
+  if (db.backend() == store::Backend::sqlite) {
+    return begin_sqlite_inbox_batch(dynamic_cast<store::SqliteDatabase&>(db));
+  }
+#if NATSPUBSUB_HAS_POSTGRES
+  return begin_postgres_inbox_batch(dynamic_cast<store::PostgresDatabase&>(db));
+#else
+  throw store::DatabaseError("this build of natspubsub has no PostgreSQL support");
+#endif
+}
+
 InboxRecord inbox_record_from(const store::Row& row) {
   InboxRecord out;
   out.consumer = row.as_text(0);

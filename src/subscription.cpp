@@ -79,6 +79,13 @@ void Subscription::ack(Delivery& d, const Message& m) {
 
 void Subscription::process(Delivery& d) {
   Message m;
+  const auto deferred_deliveries = prepare(d, m);
+  if (!deferred_deliveries) return;
+  auto failure = run_handler(m);
+  settle(d, m, *deferred_deliveries, failure);
+}
+
+std::optional<uint64_t> Subscription::prepare(Delivery& d, Message& m) {
   // The natsMsg is only read here; no verdict can have been sent before the handler ran.
   const bool started_here = d.begin([&](natsMsg* msg) {
     m.subject = natsMsg_GetSubject(msg);
@@ -96,7 +103,7 @@ void Subscription::process(Delivery& d) {
       jsMsgMetaData_Destroy(meta);
     }
   });
-  if (!started_here) return;
+  if (!started_here) return std::nullopt;
   if (!replay_of.empty()) {
     // The handler and the inbox see the failed durable and the original subject; the metadata
     // stays the replay's own delivery (stream, sequence, delivery count).
@@ -111,7 +118,7 @@ void Subscription::process(Delivery& d) {
     // Without the delivery count there is no safe retry decision; let the server redeliver.
     logger()->error("{}: message on {} has no JetStream metadata; NAKed", durable, m.subject);
     d.nak(backoff->delay(1));
-    return;
+    return std::nullopt;
   }
 
   try {
@@ -120,13 +127,13 @@ void Subscription::process(Delivery& d) {
     // Retrying cannot fix a body; the consumer moves on to the next message.
     if (letters->dead_letter(d, m, DlqReason::malformed, current_exception_class(), e.what()))
       counters.malformed++;
-    return;
+    return std::nullopt;
   }
 
   // Decided here earlier, refused by the DLQ: the same letter again, not the handler again.
   if (auto letter = letters->pending_letter(m.metadata.stream_sequence)) {
     letters->dead_letter(d, m, letter->reason, letter->error_class, letter->error_message);
-    return;
+    return std::nullopt;
   }
   // Attempts are counted from the server's delivery count, before the handler runs: a delivery
   // past max_attempts means no earlier one ended in an ack or a stored dead letter (the process
@@ -146,16 +153,19 @@ void Subscription::process(Delivery& d) {
                             "ack_wait (or a verdict was lost: an ack or a dead letter that did not reach the "
                             "server, a hand-back on stop)";
     if (letters->dead_letter(d, m, DlqReason::max_deliveries, "", why)) counters.max_deliveries++;
-    return;
+    return std::nullopt;
   }
 
   // protection: an open circuit runs no handler; the message waits without spending an attempt.
   if (breaker && !breaker->allow()) {
     defer(d, m, "circuit open");
-    return;
+    return std::nullopt;
   }
   m.max_attempts = max_attempts + deferred_deliveries;  // so Message::last_attempt() ignores deferrals
+  return deferred_deliveries;
+}
 
+std::optional<HandlerFailure> Subscription::run_handler(const Message& m) {
   const auto start = Clock::now();
   std::optional<HandlerFailure> failure;
   try {
@@ -169,7 +179,11 @@ void Subscription::process(Delivery& d) {
     failure = HandlerFailure{std::current_exception(), current_exception_class(), "non-standard exception"};
   }
   latency.record(std::chrono::duration_cast<Micros>(Clock::now() - start));
+  return failure;
+}
 
+void Subscription::settle(Delivery& d, const Message& m, uint64_t deferred_deliveries,
+                          const std::optional<HandlerFailure>& failure) {
   if (d.state() == DeliveryState::abandoned) {
     logger()->warn("{}: handler for event {} finished after the stop deadline; its message was already handed back",
                    durable, m.envelope.event_id);
@@ -253,12 +267,93 @@ void Subscription::defer(Delivery& d, const Message& m, const char* why) {
                   m.metadata.stream_sequence, delay.count(), why);
 }
 
+// Deliveries already queued behind `first` go into the same inbox transaction: a batch never
+// waits for messages to arrive. A worker takes at most half the subscription's capacity, so the
+// fetcher can pull the next batch while this one runs.
+void Subscription::process_batch(std::vector<DeliveryPtr>& taken) {
+  struct Item {
+    Delivery* delivery;
+    Message message;
+    uint64_t deferred_deliveries = 0;
+    std::optional<HandlerFailure> failure;
+  };
+  std::vector<Item> items;
+  items.reserve(taken.size());
+  for (auto& d : taken) {
+    Item item{d.get(), {}, 0, std::nullopt};
+    try {
+      auto deferred_deliveries = prepare(*d, item.message);
+      if (!deferred_deliveries) continue;  // settled already (malformed, DLQ, deferred, ...)
+      item.deferred_deliveries = *deferred_deliveries;
+      items.push_back(std::move(item));
+    } catch (...) {
+      logger()->error("{}: unexpected {} while processing a message; NAKed", durable, current_exception_class());
+      d->nak(backoff->delay(1));
+    }
+  }
+  if (items.size() == 1) {
+    auto& item = items.front();
+    settle(*item.delivery, item.message, item.deferred_deliveries, run_handler(item.message));
+    return;
+  }
+  if (items.empty()) return;
+
+  // Each message runs through the middleware chain, which ends in the InboxHandler: inside the
+  // batch's transaction, after its own savepoint. Acks only after the commit.
+  std::vector<const Message*> messages;
+  messages.reserve(items.size());
+  for (const auto& item : items) messages.push_back(&item.message);
+  const std::exception_ptr not_committed =
+      inbox->run_batch(messages, [&](std::size_t i) { items[i].failure = run_handler(items[i].message); });
+  if (not_committed) {
+    // Nothing of the batch is stored: every message fails as it would alone on that error.
+    HandlerFailure failure{not_committed, {}, {}};
+    try {
+      std::rethrow_exception(not_committed);
+    } catch (const std::exception& e) {
+      failure.error_class = current_exception_class();
+      failure.message = e.what();
+    } catch (...) {
+      failure.error_class = current_exception_class();
+      failure.message = "non-standard exception";
+    }
+    logger()->warn("{}: inbox transaction of {} messages not committed ({}: {}); none acked", durable, items.size(),
+                   failure.error_class, failure.message);
+    for (auto& item : items) {
+      if (!item.failure) item.failure = failure;
+    }
+  }
+  for (auto& item : items) {
+    try {
+      settle(*item.delivery, item.message, item.deferred_deliveries, item.failure);
+    } catch (...) {
+      logger()->error("{}: unexpected {} while settling a message; NAKed", durable, current_exception_class());
+      item.delivery->nak(backoff->delay(1));
+    }
+  }
+}
+
 void Subscription::worker_loop(const std::stop_token& st) {
+  const int batch_limit = inbox ? std::min(inbox->max_batch(), std::max(1, capacity() / 2)) : 1;
   while (true) {
     DeliveryPtr d = queue->take(st, kIdleWait);
     if (!d) {
       if (st.stop_requested()) return;
       continue;
+    }
+    if (batch_limit > 1) {
+      std::vector<DeliveryPtr> taken{d};
+      for (auto& more : queue->take_queued(static_cast<size_t>(batch_limit - 1))) taken.push_back(std::move(more));
+      if (taken.size() > 1) {
+        try {
+          process_batch(taken);
+        } catch (...) {
+          logger()->error("{}: unexpected {} while processing a batch; NAKed", durable, current_exception_class());
+          for (auto& t : taken) t->nak(backoff->delay(1));
+        }
+        for (auto& t : taken) queue->finish(t);
+        continue;
+      }
     }
     try {
       process(*d);

@@ -22,6 +22,7 @@
 #include <natspubsub/config.hpp>
 #include <natspubsub/consumer.hpp>
 #include <natspubsub/dlq.hpp>
+#include <natspubsub/inbox_handler.hpp>
 #include <natspubsub/middleware.hpp>
 #include <natspubsub/rate_limiter.hpp>
 #include <natspubsub/stats.hpp>
@@ -66,6 +67,9 @@ struct Subscription {
   int max_ack_pending = 0;
   ErrorPolicy policy;
   Next chain;                      ///< the middleware chain around the handler
+  /// The handler when it is an InboxHandler: a worker then runs the deliveries queued behind the
+  /// one it takes in one inbox transaction (process_batch()).
+  std::shared_ptr<InboxHandler> inbox;
   std::stop_token handler_stop;    ///< Message::stop_token
 
   // ---- protection (circuit breaker, rate limit) ----
@@ -95,6 +99,8 @@ struct Subscription {
   void start();
   /// One delivery from begin() to its verdict. Runs on a worker.
   void process(Delivery& d);
+  /// Several deliveries, those whose handler runs in one inbox transaction (inbox must be set).
+  void process_batch(std::vector<DeliveryPtr>& taken);
   [[nodiscard]] SubscriptionStats stats();
 
   [[nodiscard]] int capacity() const { return concurrency + prefetch; }
@@ -103,6 +109,13 @@ struct Subscription {
 
  private:
   void ack(Delivery& d, const Message& m);
+  // process() in three steps. prepare(): read and decode, settle what must not reach the handler
+  // (malformed, pending letter, past max_attempts, circuit open); the deferred deliveries when
+  // the handler is to run, else nullopt. run_handler(): middleware chain and handler.
+  // settle(): the verdict (ack, NAK with backoff, DLQ, discard).
+  std::optional<uint64_t> prepare(Delivery& d, Message& m);
+  std::optional<HandlerFailure> run_handler(const Message& m);
+  void settle(Delivery& d, const Message& m, uint64_t deferred_deliveries, const std::optional<HandlerFailure>& failure);
   void worker_loop(const std::stop_token& st);
   void advisory_loop(const std::stop_token& st);
   // ---- protection: circuit breaker ----

@@ -233,29 +233,39 @@ const Value& Row::operator[](std::size_t column) const {
 
 SqliteTransaction& Transaction::sqlite() const {
   if (sqlite_ == nullptr) throw DatabaseError("this transaction is a PostgreSQL transaction, not SQLite");
+  first_use();
   return *sqlite_;
 }
 
 #if NATSPUBSUB_HAS_POSTGRES
 pqxx::dbtransaction& Transaction::postgres() const {
   if (postgres_ == nullptr) throw DatabaseError("this transaction is an SQLite transaction, not PostgreSQL");
+  first_use();
   return *postgres_;
 }
 
 std::int64_t Transaction::execute(std::string_view sql, const Params& params) {
+  first_use();
   if (sqlite_ != nullptr) return sqlite_->execute(sql, params);
   return static_cast<std::int64_t>(detail::pg_exec(*postgres_, sql, params).affected_rows());
 }
 
 std::vector<Row> Transaction::query(std::string_view sql, const Params& params) {
+  first_use();
   if (sqlite_ != nullptr) return sqlite_->query(sql, params);
   return detail::to_rows(detail::pg_exec(*postgres_, sql, params));
 }
 #else
 // Without PostgreSQL a Transaction can only be made from a SqliteTransaction.
-std::int64_t Transaction::execute(std::string_view sql, const Params& params) { return sqlite_->execute(sql, params); }
+std::int64_t Transaction::execute(std::string_view sql, const Params& params) {
+  first_use();
+  return sqlite_->execute(sql, params);
+}
 
-std::vector<Row> Transaction::query(std::string_view sql, const Params& params) { return sqlite_->query(sql, params); }
+std::vector<Row> Transaction::query(std::string_view sql, const Params& params) {
+  first_use();
+  return sqlite_->query(sql, params);
+}
 #endif
 
 std::unique_ptr<Database> open_database(std::string_view url, const OpenOptions& options) {

@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <natspubsub/inbox.hpp>
 #include <natspubsub/store/database.hpp>
@@ -17,6 +18,34 @@ namespace natspubsub::detail {
 
 [[nodiscard]] std::unique_ptr<Inbox> make_sqlite_inbox(store::SqliteDatabase& db);
 [[nodiscard]] std::unique_ptr<Inbox> make_postgres_inbox(store::PostgresDatabase& db);
+
+/// Several deliveries in one open transaction (InboxHandler's batches). Each process() records
+/// the inbox row (or finds it processed: duplicate) and runs the handler after a SAVEPOINT,
+/// taken when the handler first touches the database. A handler that throws is rolled back to
+/// its savepoint, its row is marked failed (deliveries, last_error) in the same transaction, and
+/// the exception is rethrown; the others stay. commit() makes them durable together; destroyed
+/// without commit() (or after a failure it cannot undo) everything rolls back.
+///
+/// broken(): an inbox statement failed, or a rollback to a savepoint did (SQLite ends the whole
+/// transaction on some errors; a lost connection): nothing of the batch can commit. process()
+/// then throws RetryableDatabaseError without running anything, and commit() throws.
+class InboxBatch {
+ public:
+  virtual ~InboxBatch() = default;
+  /// The keys of the deliveries about to run, in order, before the first process(): PostgreSQL
+  /// inserts their rows in one statement instead of one round trip per delivery. Rows reserved
+  /// and never claimed by a process() (middleware that did not call the handler) are deleted
+  /// before the commit. A no-op on SQLite, where a statement costs no round trip.
+  virtual void reserve(const std::vector<InboxKey>& keys) { (void)keys; }
+  [[nodiscard]] virtual InboxResult process(const InboxKey& key, const Inbox::Handler& handler) = 0;
+  virtual void commit() = 0;
+  [[nodiscard]] virtual bool broken() const noexcept = 0;
+};
+
+/// Begins the batch's transaction on `db` (SQLite: BEGIN IMMEDIATE). Throws the typed store errors.
+[[nodiscard]] std::unique_ptr<InboxBatch> begin_sqlite_inbox_batch(store::SqliteDatabase& db);
+[[nodiscard]] std::unique_ptr<InboxBatch> begin_postgres_inbox_batch(store::PostgresDatabase& db);
+[[nodiscard]] std::unique_ptr<InboxBatch> begin_inbox_batch(store::Database& db);
 
 /// A row selected as: consumer, event_id, subject, stream, stream_seq, status, deliveries,
 /// last_error, received_at (Unix ms), processed_at (Unix ms or NULL).

@@ -102,7 +102,94 @@ class SqliteInbox final : public Inbox {
   store::SqliteDatabase& db_;
 };
 
+// One BEGIN IMMEDIATE for many deliveries: SQLite has one writer and every commit ends with a
+// WAL flush (synchronous=FULL), so the batch pays the lock and the flush once.
+class SqliteInboxBatch final : public InboxBatch {
+ public:
+  explicit SqliteInboxBatch(store::SqliteDatabase& db)
+      : txn_(db.begin(store::SqliteTransaction::Mode::immediate)) {}
+
+  InboxResult process(const InboxKey& key, const Inbox::Handler& handler) override {
+    validate_inbox_key(key);
+    if (broken_) throw store::RetryableDatabaseError("inbox batch: the transaction was ended by an earlier error");
+    try {
+      // Written as processed: nobody sees it before the commit, and a failing handler turns it
+      // into failed below. DO NOTHING + RETURNING: a row already there returns nothing.
+      auto now = unix_ms_now();
+      auto inserted = txn_.query(
+          "INSERT INTO natspubsub_inbox (consumer, event_id, subject, stream, stream_seq, status, deliveries, "
+          "received_at, processed_at) VALUES ($1, $2, $3, $4, $5, 'processed', $6, $7, $7) "
+          "ON CONFLICT (consumer, event_id) DO NOTHING RETURNING deliveries",
+          {key.consumer, key.event_id, key.subject, key.stream, key.stream_seq,
+           next_deliveries(std::nullopt, key.deliveries), now});
+      if (inserted.empty()) {
+        auto existing = txn_.query(
+            "SELECT status, deliveries FROM natspubsub_inbox WHERE consumer = $1 AND event_id = $2",
+            {key.consumer, key.event_id});
+        if (existing.empty()) throw store::RetryableDatabaseError("inbox row of " + key.event_id + " vanished");
+        if (existing.front().as_text(0) == "processed") return InboxResult::duplicate;
+        txn_.execute(
+            "UPDATE natspubsub_inbox SET status = 'processed', processed_at = $3, last_error = NULL, "
+            "deliveries = $4, subject = $5, stream = $6, stream_seq = $7 WHERE consumer = $1 AND event_id = $2",
+            {key.consumer, key.event_id, now, next_deliveries(existing.front().as_int(1), key.deliveries),
+             key.subject, key.stream, key.stream_seq});
+      }
+    } catch (...) {
+      broken_ = true;
+      throw;
+    }
+
+    const std::string savepoint = "natspubsub_inbox_" + std::to_string(++savepoints_);
+    bool saved = false;
+    std::exception_ptr failure;
+    try {
+      store::Transaction handle(txn_);
+      handle.before_first_use([&] {
+        txn_.execute_script("SAVEPOINT " + savepoint);
+        saved = true;
+      });
+      handler(handle);
+      return InboxResult::processed;
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    try {
+      // Only this handler's writes go; the row stays, as failed, and commits with the others.
+      if (saved) txn_.execute_script("ROLLBACK TO SAVEPOINT " + savepoint);
+      txn_.execute(
+          "UPDATE natspubsub_inbox SET status = 'failed', processed_at = NULL, last_error = $3 "
+          "WHERE consumer = $1 AND event_id = $2",
+          {key.consumer, key.event_id, describe(failure)});
+    } catch (const std::exception& e) {
+      // Disk full, I/O error: SQLite may have ended the whole transaction.
+      broken_ = true;
+      store::detail::logger()->warn("natspubsub: inbox batch could not roll back the handler of {}: {}",
+                                    key.event_id, e.what());
+    }
+    std::rethrow_exception(failure);
+  }
+
+  void commit() override {
+    if (broken_) {
+      txn_.rollback();
+      throw store::RetryableDatabaseError("inbox batch: not committed, an earlier error ended the transaction");
+    }
+    txn_.commit();
+  }
+
+  bool broken() const noexcept override { return broken_; }
+
+ private:
+  store::SqliteTransaction txn_;
+  std::uint64_t savepoints_ = 0;
+  bool broken_ = false;
+};
+
 }  // namespace
+
+std::unique_ptr<InboxBatch> begin_sqlite_inbox_batch(store::SqliteDatabase& db) {
+  return std::make_unique<SqliteInboxBatch>(db);
+}
 
 std::unique_ptr<Inbox> make_sqlite_inbox(store::SqliteDatabase& db) { return std::make_unique<SqliteInbox>(db); }
 

@@ -145,9 +145,12 @@ struct PostgresServer::Impl {
     const auto size = fs::file_size(log, ignored);
     log_offset = ignored ? 0 : size;
     // fsync and friends off: the cluster is thrown away, and tests restart it often.
+    // NATSPUBSUB_TEST_PG_DURABLE=1 turns them on (the benchmark's durable figures).
+    const char* durable_env = std::getenv("NATSPUBSUB_TEST_PG_DURABLE");
+    const std::string flush = durable_env != nullptr && std::string(durable_env) == "1" ? "on" : "off";
     process.spawn({{(bin / "postgres").string(), "-D", data.string(), "-p", std::to_string(port), "-k",
-                    sockets.string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c",
-                    "synchronous_commit=off", "-c", "full_page_writes=off"},
+                    sockets.string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=" + flush, "-c",
+                    "synchronous_commit=" + flush, "-c", "full_page_writes=" + flush},
                    log,
                    dir.path(),
                    run_as});

@@ -200,7 +200,21 @@ class Transaction {
   /// Runs one statement and returns its rows (PostgreSQL values come back as text).
   [[nodiscard]] std::vector<Row> query(std::string_view sql, const Params& params = {});
 
+  /// `fn` runs once, before the first statement through this handle or the first sqlite() /
+  /// postgres() call. The batched inbox sets a message's SAVEPOINT this way only when its
+  /// handler touches the database (a handler that writes nothing costs no round trip).
+  void before_first_use(std::function<void()> fn) { before_first_use_ = std::move(fn); }
+
  private:
+  void first_use() const {
+    if (before_first_use_) {
+      auto fn = std::move(before_first_use_);
+      before_first_use_ = nullptr;
+      fn();
+    }
+  }
+
+  mutable std::function<void()> before_first_use_;
   SqliteTransaction* sqlite_ = nullptr;
 #if NATSPUBSUB_HAS_POSTGRES
   pqxx::dbtransaction* postgres_ = nullptr;
