@@ -4,9 +4,11 @@
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
+#include <natspubsub/error.hpp>
 #include <natspubsub/inbox.hpp>
 
 #include "store/inbox_internal.hpp"
@@ -68,13 +70,21 @@ struct InboxHandler::State {
     return lease;
   }
 
-  // As long as SQLite's own busy timeout (the library's default) would have waited.
+  // As long as SQLite's own busy timeout (the library's default) would have waited for one
+  // message, times the messages a batch may hold the turn for.
   void wait_turn(std::unique_lock<std::timed_mutex>& turn) {
+    const auto timeout = kTurnTimeout * std::max(1, max_batch.load());
     turn = std::unique_lock(sqlite_writer, std::defer_lock);
-    if (!turn.try_lock_for(kTurnTimeout))
+    if (!turn.try_lock_for(timeout))
       throw store::RetryableDatabaseError("inbox: another worker of this InboxHandler held the SQLite write turn for " +
-                                          std::to_string(kTurnTimeout.count()) + " ms");
+                                          std::to_string(timeout.count()) + " ms");
   }
+
+  // Event ids whose message a batch is running now (any thread). A handler call for one of them
+  // outside its batch's thread (middleware that runs the next step on another thread) would wait
+  // for the batch's own row lock or write turn, which waits for it: refused at once instead.
+  std::mutex open_mutex;
+  std::multiset<std::string> open_events;
 
   void give_back(Lease lease) {
     std::lock_guard lock(mutex);
@@ -126,6 +136,17 @@ void InboxHandler::operator()(const Message& message) const {
     return;
   }
 
+  {
+    std::lock_guard lock(s.open_mutex);
+    if (s.open_events.count(key.event_id) > 0) {
+      s.failures.fetch_add(1);
+      throw ConfigError("inbox_handler.max_batch",
+                        "the handler of " + key.event_id +
+                            " was called on another thread than its batch (middleware that runs the next step on "
+                            "another thread?); it would wait for the batch for ever: give this InboxHandler "
+                            "max_batch(1)");
+    }
+  }
   std::unique_lock<std::timed_mutex> turn;
   auto lease = s.take_turn(turn);
   try {
@@ -197,10 +218,17 @@ std::exception_ptr InboxHandler::run_batch(const std::vector<const Message*>& me
   BatchScope* previous = current_batch;
   current_batch = &scope;
   for (std::size_t i = 0; i < count; ++i) {
+    const std::string& running = messages[i]->envelope.event_id;
+    {
+      std::lock_guard lock(s.open_mutex);
+      s.open_events.insert(running);
+    }
     try {
       run(i);
     } catch (...) {  // run() must not throw; the batch still ends properly if it does
     }
+    std::lock_guard lock(s.open_mutex);
+    s.open_events.erase(s.open_events.find(running));
   }
   current_batch = previous;
 

@@ -270,6 +270,22 @@ void Subscription::defer(Delivery& d, const Message& m, const char* why) {
 // Deliveries already queued behind `first` go into the same inbox transaction: a batch never
 // waits for messages to arrive. A worker takes at most half the subscription's capacity, so the
 // fetcher can pull the next batch while this one runs.
+bool Subscription::take_solo(uint64_t stream_sequence) {
+  std::lock_guard lock(solo_mutex);
+  return solo.erase(stream_sequence) > 0;  // left in solo_order; skipped when it comes up there
+}
+
+void Subscription::remember_solo(uint64_t stream_sequence) {
+  constexpr std::size_t kMaxSolo = 65536;
+  std::lock_guard lock(solo_mutex);
+  if (!solo.insert(stream_sequence).second) return;
+  solo_order.push_back(stream_sequence);
+  while (solo_order.size() > kMaxSolo) {
+    solo.erase(solo_order.front());
+    solo_order.pop_front();
+  }
+}
+
 void Subscription::process_batch(std::vector<DeliveryPtr>& taken) {
   struct Item {
     Delivery* delivery;
@@ -291,6 +307,17 @@ void Subscription::process_batch(std::vector<DeliveryPtr>& taken) {
       d->nak(backoff->delay(1));
     }
   }
+  // Those whose last batch did not commit run alone first (see `solo`).
+  std::erase_if(items, [&](Item& item) {
+    if (items.size() > 1 && !take_solo(item.message.metadata.stream_sequence)) return false;
+    try {
+      settle(*item.delivery, item.message, item.deferred_deliveries, run_handler(item.message));
+    } catch (...) {
+      logger()->error("{}: unexpected {} while settling a message; NAKed", durable, current_exception_class());
+      item.delivery->nak(backoff->delay(1));
+    }
+    return true;
+  });
   if (items.size() == 1) {
     auto& item = items.front();
     settle(*item.delivery, item.message, item.deferred_deliveries, run_handler(item.message));
@@ -317,10 +344,12 @@ void Subscription::process_batch(std::vector<DeliveryPtr>& taken) {
       failure.error_class = current_exception_class();
       failure.message = "non-standard exception";
     }
-    logger()->warn("{}: inbox transaction of {} messages not committed ({}: {}); none acked", durable, items.size(),
-                   failure.error_class, failure.message);
+    logger()->warn("{}: inbox transaction of {} messages not committed ({}: {}); none acked, each runs alone "
+                   "when it comes back",
+                   durable, items.size(), failure.error_class, failure.message);
     for (auto& item : items) {
       if (!item.failure) item.failure = failure;
+      remember_solo(item.message.metadata.stream_sequence);
     }
   }
   for (auto& item : items) {

@@ -8,9 +8,11 @@
 // subscriptions with the parts below. Not installed. Test: tests/subscription_test.cpp.
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <stop_token>
 #include <string>
 #include <thread>
@@ -101,6 +103,14 @@ struct Subscription {
   void process(Delivery& d);
   /// Several deliveries, those whose handler runs in one inbox transaction (inbox must be set).
   void process_batch(std::vector<DeliveryPtr>& taken);
+  // Stream sequences of messages whose inbox batch did not commit. On redelivery each runs alone,
+  // in its own transaction, so a message that breaks the commit every time (a deferred
+  // constraint, a key the database refuses) fails alone instead of taking its batch with it.
+  std::mutex solo_mutex;
+  std::set<uint64_t> solo;
+  std::deque<uint64_t> solo_order;  // oldest first; at most kMaxSolo remembered
+  bool take_solo(uint64_t stream_sequence);
+  void remember_solo(uint64_t stream_sequence);
   [[nodiscard]] SubscriptionStats stats();
 
   [[nodiscard]] int capacity() const { return concurrency + prefetch; }

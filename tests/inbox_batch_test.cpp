@@ -101,7 +101,101 @@ InboxHandler::Fn ledger_writer(std::atomic<int>& calls) {
     if (m.envelope.message.value("poison", false)) throw PermanentError("poison: never works");
     if (m.envelope.message.value("orphan", false) && m.metadata.deliveries == 1)
       tx.execute("INSERT INTO child (id) VALUES (999)");  // no parent: the COMMIT fails
+    if (m.envelope.message.value("always_orphan", false))
+      tx.execute("INSERT INTO child (id) VALUES (998)");  // every delivery: its COMMIT always fails
+    if (m.envelope.message.value("swallow", false) && m.metadata.deliveries == 1) {
+      // A handler that catches a database error and goes on: on PostgreSQL the transaction is
+      // aborted now (on SQLite a failed statement leaves it usable).
+      try {
+        tx.execute("SELECT * FROM no_such_table");
+      } catch (const store::DatabaseError&) {
+      }
+    }
   };
+}
+
+// Handlers that swallow a database error, one of them the last event (so likely the last of its
+// batch, where nothing after it would notice the aborted transaction): each such message fails
+// alone and comes back; nothing is acknowledged without its effect stored.
+void handler_swallowing_a_database_error(const std::string& url, bool postgres) {
+  Setup f(url);
+  f.publish(kEvents, {{10, {{"swallow", true}}}, {20, {{"swallow", true}}}, {kEvents - 1, {{"swallow", true}}}});
+  std::atomic<int> calls{0};
+  InboxHandler handler([&] { return store::open_database(url); }, ledger_writer(calls));
+  Consumer consumer(f.nats);
+  consumer.subscribe_subject("test.orders.>", handler, Setup::options());
+  consumer.start();
+  REQUIRE(eventually([&] { return consumer.stats().front().acked == kEvents; }, 30s));
+  consumer.stop(5s);
+  CHECK(handler.batches() >= 1);
+  CHECK(consumer.stats().front().dead_lettered == 0);
+  check_ledger(url, kEvents);
+  CHECK(count(url, "SELECT COUNT(*) FROM natspubsub_inbox WHERE status = 'processed'") == kEvents);
+  // PostgreSQL: the three ran again (their first attempt failed); SQLite: nothing to retry.
+  CHECK(count(url, "SELECT COUNT(*) FROM ledger WHERE deliveries > 1") == (postgres ? 3 : 0));
+}
+
+// A message whose COMMIT fails on every delivery: its batch fails once, then each of that
+// batch's messages runs alone when it comes back, so only the bad one keeps failing and goes to
+// the DLQ; its neighbours are stored and acknowledged, none of them dead-lettered.
+void poison_commit_fails_alone(const std::string& url) {
+  Setup f(url);
+  f.publish(kEvents, {{4, {{"always_orphan", true}}}});
+  std::atomic<int> calls{0};
+  InboxHandler handler([&] { return store::open_database(url); }, ledger_writer(calls));
+  Consumer consumer(f.nats);
+  consumer.subscribe_subject("test.orders.>", handler, Setup::options());
+  consumer.start();
+  REQUIRE(eventually([&] {
+    auto s = consumer.stats().front();
+    return s.acked == kEvents - 1 && s.dead_lettered == 1;
+  }, 30s));
+  consumer.stop(5s);
+  CHECK(consumer.stats().front().dead_lettered == 1);
+  CHECK(count(url, "SELECT COUNT(*) FROM child") == 0);
+  // Every event but the bad one stored once (the bad one's ledger row rolled back with it).
+  check_ledger(url, kEvents - 1);
+}
+
+// Middleware that runs the next step on another thread: that call is outside the batch's
+// transaction, and would wait for the batch's row lock (PostgreSQL) or write turn (SQLite) while
+// the batch waits for it. It is refused at once with a ConfigError instead of hanging.
+void middleware_on_another_thread(const std::string& url) {
+  Setup f(url);
+  f.publish(kEvents);
+  std::atomic<int> calls{0};
+  InboxHandler handler([&] { return store::open_database(url); }, ledger_writer(calls));
+  Consumer consumer(f.nats);
+  std::atomic<int> config_errors{0};
+  consumer.use([&](const Message& m, const Next& next) {
+    std::exception_ptr error;
+    std::thread([&] {
+      try {
+        next(m);
+      } catch (const ConfigError&) {
+        config_errors++;
+        error = std::current_exception();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }).join();
+    if (error) std::rethrow_exception(error);
+  });
+  auto o = Setup::options();
+  o.max_attempts = 2;
+  consumer.subscribe_subject("test.orders.>", handler, o);
+  consumer.start();
+  // Settled, one way or the other, within seconds: nothing hangs.
+  REQUIRE(eventually([&] {
+    auto s = consumer.stats().front();
+    return s.acked + s.dead_lettered == static_cast<uint64_t>(kEvents);
+  }, 30s));
+  consumer.stop(5s);
+  CHECK(handler.batches() >= 1);
+  CHECK(config_errors.load() >= 1);
+  // What was acknowledged ran alone, in a transaction of its own: stored once.
+  CHECK(count(url, "SELECT COUNT(*) FROM ledger") == count(url, "SELECT COUNT(DISTINCT event_id) FROM ledger"));
+  CHECK(count(url, "SELECT COUNT(*) FROM ledger") == static_cast<int64_t>(consumer.stats().front().acked));
 }
 
 void throwing_handler_in_a_batch(const std::string& url) {
@@ -329,4 +423,26 @@ TEST_CASE("PostgreSQL: a redelivered batch is all duplicates") {
 TEST_CASE("SQLite: max_batch(1) runs one message per transaction") {
   testing::TempDir dir;
   per_message_when_turned_off("sqlite://" + testing::sqlite_file(dir));
+}
+
+TEST_CASE("PostgreSQL: a handler that swallows a database error fails alone; nothing acked unstored") {
+  handler_swallowing_a_database_error(testing::fresh_postgres_database("inbox_batch"), true);
+}
+
+TEST_CASE("SQLite: a handler that swallows a database error: every effect once") {
+  testing::TempDir dir;
+  handler_swallowing_a_database_error("sqlite://" + testing::sqlite_file(dir), false);
+}
+
+TEST_CASE("PostgreSQL: a message whose COMMIT always fails goes to the DLQ alone; its batch is stored") {
+  poison_commit_fails_alone(testing::fresh_postgres_database("inbox_batch"));
+}
+
+TEST_CASE("SQLite: a message whose COMMIT always fails goes to the DLQ alone; its batch is stored") {
+  testing::TempDir dir;
+  poison_commit_fails_alone("sqlite://" + testing::sqlite_file(dir));
+}
+
+TEST_CASE("PostgreSQL: middleware running the handler on another thread is refused at once, not hung") {
+  middleware_on_another_thread(testing::fresh_postgres_database("inbox_batch"));
 }

@@ -12,8 +12,10 @@
 // the round trip of a second UPDATE per message; `processing` never reaches the table here.
 #include <natspubsub/store/postgres.hpp>
 
+#include <algorithm>
 #include <optional>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -77,7 +79,21 @@ class PostgresInbox final : public Inbox {
     std::exception_ptr failure;
     try {
       store::Transaction handle(*txn);
+      bool used = false;
+      handle.before_first_use([&] { used = true; });
       handler(handle);
+      // A handler that caught a database error and returned normally left the transaction
+      // aborted, and COMMIT would answer ROLLBACK: the event would be acknowledged unapplied.
+      if (used) {
+        try {
+          exec(*txn, "SELECT 1", {});
+        } catch (const std::exception&) {
+          throw store::DatabaseError("inbox handler for " + key.event_id +
+                                         " returned normally after a database error it caught, which aborted its "
+                                         "transaction: rethrow it, or catch it inside a savepoint of your own",
+                                     "25P02");
+        }
+      }
       txn->commit();
       return InboxResult::processed;
     } catch (...) {
@@ -195,8 +211,15 @@ class PostgresInboxBatch final : public InboxBatch {
   // is not returned and takes the one-by-one path in process().
   void reserve(const std::vector<InboxKey>& keys) override {
     if (broken_ || keys.size() < 2) return;
+    // In key order: two instances reserving the same redelivered events lock them in one order.
+    std::vector<const InboxKey*> sorted;
+    for (const auto& key : keys) sorted.push_back(&key);
+    std::sort(sorted.begin(), sorted.end(), [](const InboxKey* a, const InboxKey* b) {
+      return std::tie(a->consumer, a->event_id) < std::tie(b->consumer, b->event_id);
+    });
     nlohmann::json rows = nlohmann::json::array();
-    for (const auto& key : keys) {
+    for (const auto* k : sorted) {
+      const auto& key = *k;
       if (key.consumer.empty() || key.event_id.empty() || !storable(key)) continue;  // refused by process()
       rows.push_back({{"consumer", key.consumer},
                       {"event_id", key.event_id},
@@ -261,10 +284,24 @@ class PostgresInboxBatch final : public InboxBatch {
     try {
       store::Transaction handle(*txn_);
       handle.before_first_use([&] {
+        if (saved) return;  // a copy of the handle used first: one savepoint all the same
         exec("SAVEPOINT " + savepoint, {});
         saved = true;
       });
       handler(handle);
+      // A handler that caught a database error and returned normally left the transaction
+      // aborted: every later statement, and COMMIT (answered ROLLBACK), would lose the whole
+      // batch while acknowledging it. RELEASE fails then, and the message fails alone.
+      if (saved) {
+        try {
+          exec("RELEASE SAVEPOINT " + savepoint, {});
+        } catch (const std::exception& e) {
+          throw store::DatabaseError("inbox handler for " + key.event_id +
+                                         " returned normally after a database error it caught, which aborted its "
+                                         "transaction: rethrow it, or catch it inside a savepoint of your own",
+                                     "25P02");
+        }
+      }
       return InboxResult::processed;
     } catch (...) {
       failure = std::current_exception();

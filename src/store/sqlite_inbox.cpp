@@ -145,10 +145,23 @@ class SqliteInboxBatch final : public InboxBatch {
     try {
       store::Transaction handle(txn_);
       handle.before_first_use([&] {
+        if (saved) return;  // a copy of the handle used first: one savepoint all the same
         txn_.execute_script("SAVEPOINT " + savepoint);
         saved = true;
       });
       handler(handle);
+      // A handler that caught an error after which SQLite ended the whole transaction (disk
+      // full, I/O error) and returned normally: the savepoint is gone with the transaction, and
+      // COMMIT would acknowledge the batch with nothing stored.
+      if (saved) {
+        try {
+          txn_.execute_script("RELEASE SAVEPOINT " + savepoint);
+        } catch (const std::exception& e) {
+          broken_ = true;
+          throw store::RetryableDatabaseError("inbox handler for " + key.event_id +
+                                              " returned normally after SQLite ended its transaction: " + e.what());
+        }
+      }
       return InboxResult::processed;
     } catch (...) {
       failure = std::current_exception();
