@@ -117,17 +117,18 @@ InboxHandler::Fn ledger_writer(std::atomic<int>& calls) {
 // Handlers that swallow a database error, one of them the last event (so likely the last of its
 // batch, where nothing after it would notice the aborted transaction): each such message fails
 // alone and comes back; nothing is acknowledged without its effect stored.
-void handler_swallowing_a_database_error(const std::string& url, bool postgres) {
+void handler_swallowing_a_database_error(const std::string& url, bool postgres, int max_batch = 32) {
   Setup f(url);
   f.publish(kEvents, {{10, {{"swallow", true}}}, {20, {{"swallow", true}}}, {kEvents - 1, {{"swallow", true}}}});
   std::atomic<int> calls{0};
   InboxHandler handler([&] { return store::open_database(url); }, ledger_writer(calls));
+  handler.max_batch(max_batch);
   Consumer consumer(f.nats);
   consumer.subscribe_subject("test.orders.>", handler, Setup::options());
   consumer.start();
   REQUIRE(eventually([&] { return consumer.stats().front().acked == kEvents; }, 30s));
   consumer.stop(5s);
-  CHECK(handler.batches() >= 1);
+  CHECK(handler.batches() >= (max_batch > 1 ? 1u : 0u));
   CHECK(consumer.stats().front().dead_lettered == 0);
   check_ledger(url, kEvents);
   CHECK(count(url, "SELECT COUNT(*) FROM natspubsub_inbox WHERE status = 'processed'") == kEvents);
@@ -445,4 +446,8 @@ TEST_CASE("SQLite: a message whose COMMIT always fails goes to the DLQ alone; it
 
 TEST_CASE("PostgreSQL: middleware running the handler on another thread is refused at once, not hung") {
   middleware_on_another_thread(testing::fresh_postgres_database("inbox_batch"));
+}
+
+TEST_CASE("PostgreSQL, one message per transaction: a handler that swallows a database error fails, is retried") {
+  handler_swallowing_a_database_error(testing::fresh_postgres_database("inbox_batch"), true, 1);
 }
