@@ -160,6 +160,11 @@ struct OutboxRelay::Impl {
   // the store's one database connection is used by one of them at a time.
   std::mutex store_mutex;
   bool pipelined = false;  // the lease covers two batches back to back (constructor)
+  // With few hot keys the batch in flight holds the head of every key, so a claim ahead finds
+  // nothing (and costs a window scan under the claim lock). After such a miss the next
+  // kAheadPause batches are claimed without claiming ahead.
+  static constexpr int kAheadPause = 8;
+  int ahead_paused = 0;
 
   struct Claimed {
     std::vector<OutboxRow> rows;
@@ -489,10 +494,12 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
 std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, std::stop_token stop) {
   outage = false;
   Claimed batch;
+  bool missed_ahead = false;
   if (next) {
     auto ahead = std::move(*next);
     next.reset();
     batch = ahead.get();
+    missed_ahead = batch.rows.empty();
     disconnected = false;
   }
   if (batch.rows.empty()) {
@@ -502,8 +509,11 @@ std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, 
     if (disconnected) return 0;  // nothing would be acknowledged: leave rows for later
     batch = claim(false);
     if (batch.rows.empty()) return 0;
+    if (missed_ahead) ahead_paused = kAheadPause;  // rows were there, behind the batch in flight
   }
-  if (pipelined && !stop.stop_requested() && connection->connected()) {
+  const bool ahead = ahead_paused == 0;
+  if (ahead_paused > 0) --ahead_paused;
+  if (pipelined && ahead && !stop.stop_requested() && connection->connected()) {
     // The previous batch's acknowledged rows are marked sent in the claim's transaction, off the
     // publishing thread's path (one commit for both).
     next = std::async(std::launch::async, [this] {
