@@ -23,6 +23,11 @@
 #include <natspubsub/outbox.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
+#if NATSPUBSUB_HAS_POSTGRES
+#include <natspubsub/store/postgres.hpp>
+
+#include "store/postgres_held_claims.hpp"
+#endif
 
 namespace natspubsub {
 namespace {
@@ -166,11 +171,27 @@ struct OutboxRelay::Impl {
   static constexpr int kAheadPause = 8;
   int ahead_paused = 0;
 
+#if NATSPUBSUB_HAS_POSTGRES
+  // PostgreSQL with hold_claims: batches held by row locks (store/postgres_held_claims.hpp).
+  std::unique_ptr<detail::HeldClaims> held_claims;
+#endif
   struct Claimed {
     std::vector<OutboxRow> rows;
     std::chrono::steady_clock::time_point at;  // when the claim started: the lease runs from here
     bool prefetched = false;                   // claimed while the previous batch was publishing
+#if NATSPUBSUB_HAS_POSTGRES
+    // Held claims: the rows are locked in this batch's open transaction and nothing was written;
+    // its outcome is written in one go at the end (finish), or dropped (abandon: all as it was).
+    std::unique_ptr<detail::HeldBatch> held;
+#endif
   };
+  [[nodiscard]] bool holds_claims() const noexcept {
+#if NATSPUBSUB_HAS_POSTGRES
+    return held_claims != nullptr;
+#else
+    return false;
+#endif
+  }
   template <class F>
   auto with_store(F&& f) {
     std::lock_guard lock(store_mutex);
@@ -180,6 +201,14 @@ struct OutboxRelay::Impl {
     Claimed c;
     c.at = std::chrono::steady_clock::now();
     c.prefetched = prefetched;
+#if NATSPUBSUB_HAS_POSTGRES
+    if (held_claims) {  // thread-safe, and on connections of its own: no store_mutex
+      c.held = held_claims->claim(options.batch_size, up_to_id);
+      c.rows = std::move(c.held->rows());
+      if (c.rows.empty()) c.held.reset();
+      return c;
+    }
+#endif
     c.rows = with_store([&](OutboxStore& st) { return st.claim(options.relay_id, options.batch_size, options.lease, up_to_id); });
     return c;
   }
@@ -243,6 +272,10 @@ OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, Rela
   impl_->store = make_outbox_store(database);
   impl_->publisher = std::make_unique<Publisher>(connection);
   impl_->last_cleanup = std::chrono::steady_clock::now();
+#if NATSPUBSUB_HAS_POSTGRES
+  if (auto* pg = dynamic_cast<store::PostgresDatabase*>(&database); pg != nullptr && impl_->options.hold_claims)
+    impl_->held_claims = std::make_unique<detail::HeldClaims>(pg->url(), impl_->options.lease);
+#endif
 }
 
 OutboxRelay::~OutboxRelay() = default;
@@ -306,7 +339,22 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
   auto rows = std::move(batch.rows);
   if (rows.empty()) return 0;
   auto started = batch.at;
-  if (batch.prefetched && std::chrono::steady_clock::now() - started >= o.lease / 4) {
+#if NATSPUBSUB_HAS_POSTGRES
+  detail::HeldBatch* held = batch.held.get();
+#else
+  const void* held = nullptr;
+#endif
+#if NATSPUBSUB_HAS_POSTGRES
+  if (held != nullptr && batch.prefetched && std::chrono::steady_clock::now() - started >= o.lease / 4) {
+    // Held ahead behind a long batch: a held batch has no lease to renew (PostgreSQL ends a
+    // transaction idle for the lease), so it is given back whole and claimed again afresh.
+    held->abandon();
+    std::lock_guard lock(stats_mutex);
+    stats.released += rows.size();
+    return rows.size();
+  }
+#endif
+  if (held == nullptr && batch.prefetched && std::chrono::steady_clock::now() - started >= o.lease / 4) {
     // Claimed ahead behind a long batch: renew its lease rather than let its rounds be skipped
     // (and the same rows claimed ahead and skipped again behind every long batch). A row no
     // longer ours (its lease ended and another relay took it) gives the whole batch back.
@@ -365,7 +413,9 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
   std::size_t acked_marked = 0;  // out.acked[0, acked_marked) are marked
   auto last_mark = started;
   auto mark_acked = [&] {
-    if (acked_marked == out.acked.size()) return;
+    // A held batch writes its outcome once, at its end: a relay that dies before leaves its
+    // rows as they were (published ones are published again, inside the duplicate window).
+    if (held != nullptr || acked_marked == out.acked.size()) return;
     std::span<const std::int64_t> ids(out.acked.data() + acked_marked, out.acked.size() - acked_marked);
     with_store([&](OutboxStore& st) { return o.delete_sent ? st.delete_sent(o.relay_id, ids) : st.mark_sent(o.relay_id, ids); });
     acked_marked = out.acked.size();
@@ -434,17 +484,32 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
 
-  if (defer_mark) {
+  OutboxFailResult fr;
+  uint64_t released = 0;
+  const bool connection_lost = !out.retryable.empty() && !connection->connected();
+#if NATSPUBSUB_HAS_POSTGRES
+  if (held != nullptr) {
+    // One transaction for the whole outcome. What is in none of the lists (unavailable, held
+    // back, lost with the connection) is left as it was: pending, no attempt counted.
+    detail::HeldOutcome ho;
+    ho.sent = out.acked;
+    ho.delete_sent = o.delete_sent;
+    ho.max_attempts = o.max_attempts;
+    if (!connection_lost) ho.failures = out.retryable;
+    ho.refused = out.refused;
+    fr = held->finish(ho);
+    released = out.unavailable.size() + out.held_back.size() + (connection_lost ? out.retryable.size() : 0);
+    acked_marked = out.acked.size();
+  }
+#endif
+  if (held == nullptr && defer_mark) {
     // Marked by the next claim ahead (cycle), or by flush_marks when there is none.
     std::lock_guard lock(marks_mutex);
     unmarked.insert(unmarked.end(), out.acked.begin() + static_cast<std::ptrdiff_t>(acked_marked), out.acked.end());
   } else {
     mark_acked();
   }
-  OutboxFailResult fr;
-  uint64_t released = 0;
-  const bool connection_lost = !out.retryable.empty() && !connection->connected();
-  if (!out.retryable.empty()) {
+  if (held == nullptr && !out.retryable.empty()) {
     if (connection_lost) {
       // The connection dropped under the batch: not the rows' fault, so no attempt is counted.
       std::vector<std::int64_t> ids;
@@ -455,18 +520,20 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     }
   }
   if (!out.unavailable.empty()) {
-    released += with_store([&](OutboxStore& st) { return st.release(o.relay_id, out.unavailable); });
+    if (held == nullptr) released += with_store([&](OutboxStore& st) { return st.release(o.relay_id, out.unavailable); });
     outage = true;
     logger()->warn("outbox relay {}: {} of {} rows not acknowledged ({}); released without counting an attempt, "
                    "the relay backs off",
                    o.relay_id, out.unavailable.size(), claimed, out.unavailable_error);
   }
-  if (!out.held_back.empty())
+  if (held == nullptr && !out.held_back.empty())
     released += with_store([&](OutboxStore& st) { return st.release(o.relay_id, out.held_back); });
   if (!out.refused.empty()) {
     // Refused by the server or invalid (too large, bad subject): another try cannot succeed.
-    auto r = with_store([&](OutboxStore& st) { return st.mark_failed(o.relay_id, out.refused, 1); });
-    fr.failed.insert(fr.failed.end(), r.failed.begin(), r.failed.end());
+    if (held == nullptr) {
+      auto r = with_store([&](OutboxStore& st) { return st.mark_failed(o.relay_id, out.refused, 1); });
+      fr.failed.insert(fr.failed.end(), r.failed.begin(), r.failed.end());
+    }
     for (const auto& f : out.refused) logger()->error("outbox row {} failed permanently: {}", f.id, f.error);
   }
   if (!out.retryable.empty())
@@ -513,7 +580,11 @@ std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, 
   }
   const bool ahead = ahead_paused == 0;
   if (ahead_paused > 0) --ahead_paused;
-  if (pipelined && ahead && !stop.stop_requested() && connection->connected()) {
+  if (pipelined && ahead && !stop.stop_requested() && connection->connected() && holds_claims()) {
+    // Held claims: batch N is written when it ends (publish), on its own connection; batch N+1
+    // is claimed meanwhile on another one. Batch N's locks keep the later rows of its keys out.
+    next = std::async(std::launch::async, [this] { return claim(true); });
+  } else if (pipelined && ahead && !stop.stop_requested() && connection->connected()) {
     // The previous batch's acknowledged rows are marked sent in the claim's transaction, off the
     // publishing thread's path (one commit for both).
     next = std::async(std::launch::async, [this] {
@@ -558,6 +629,14 @@ void OutboxRelay::Impl::release_quietly(std::optional<std::future<Claimed>>& nex
     next.reset();
     auto batch = ahead.get();
     if (batch.rows.empty()) return;
+#if NATSPUBSUB_HAS_POSTGRES
+    if (batch.held) {
+      batch.held->abandon();
+      std::lock_guard lock(stats_mutex);
+      stats.released += batch.rows.size();
+      return;
+    }
+#endif
     std::vector<std::int64_t> ids;
     for (const auto& row : batch.rows) ids.push_back(row.id);
     const auto n = with_store([&](OutboxStore& st) { return st.release(options.relay_id, ids); });

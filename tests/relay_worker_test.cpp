@@ -43,7 +43,7 @@ const std::string kRelay = NATSPUBSUB_BINARY_DIR "/workers/natspubsub-relay";
 std::string sh_quote(const std::string& s) { return "'" + s + "'"; }
 
 int count(const std::string& db, const std::string& where) {
-  auto r = testing::run_command("sqlite3 " + sh_quote(db) + " \"SELECT COUNT(*) FROM natspubsub_outbox WHERE " + where + "\"");
+  auto r = testing::run_command("sqlite3 -cmd '.timeout 10000' " + sh_quote(db) + " \"SELECT COUNT(*) FROM natspubsub_outbox WHERE " + where + "\"");
   return std::stoi(r.output.empty() ? "-1" : r.output);
 }
 
@@ -127,7 +127,7 @@ TEST_CASE("--once on an empty database migrates and exits 0; rows inserted by ha
 
   // Another program (here the sqlite3 shell) inserts events with only the required columns.
   auto insert = testing::run_command(
-      "sqlite3 " + sh_quote(db) +
+      "sqlite3 -cmd '.timeout 10000' " + sh_quote(db) +
       " \"INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES "
       "('11111111-1111-4111-8111-111111111111', 'test.orders.order.created', '{\\\"a\\\":1}'), "
       "('22222222-2222-4222-8222-222222222222', 'test.orders.order.shipped', '{\\\"a\\\":2}');"
@@ -258,7 +258,7 @@ TEST_CASE("--topology natspubsub: the relay joins NatsPubsub's stream made by an
   CHECK(bad.output.find("--topology") != std::string::npos);
 
   REQUIRE(testing::run_command(base + " --topology natspubsub 2>&1").status == 0);  // migrates
-  REQUIRE(testing::run_command("sqlite3 " + sh_quote(db) +
+  REQUIRE(testing::run_command("sqlite3 -cmd '.timeout 10000' " + sh_quote(db) +
                                " \"INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES "
                                "('44444444-4444-4444-8444-444444444444', 'test.orders.order.created', '{}');\"")
               .status == 0);
@@ -406,7 +406,7 @@ TEST_CASE("rows NATS cannot carry are failed at once; their key waits; nothing e
     return s;
   };
   auto insert = testing::run_command(
-      "sqlite3 " + sh_quote(db) + " \"" + sql("first") +
+      "sqlite3 -cmd '.timeout 10000' " + sh_quote(db) + " \"" + sql("first") +
       " INSERT INTO natspubsub_outbox (event_id, subject, payload, partition_key) VALUES "
       "('k-before', 'test.orders.order.created', '{}', 'k1'), "
       "('k-bad', 'test.orders.order created', '{}', 'k1'), "
@@ -466,7 +466,7 @@ TEST_CASE("a message the server refuses in the middle of a key's run: no later r
                 std::to_string(k) + "')";
     }
   }
-  auto insert = testing::run_command("sqlite3 " + sh_quote(db) +
+  auto insert = testing::run_command("sqlite3 -cmd '.timeout 10000' " + sh_quote(db) +
                                      " \"INSERT INTO natspubsub_outbox (event_id, subject, payload, partition_key) "
                                      "VALUES " + values + ";\" 2>&1");
   INFO(insert.output);
@@ -568,7 +568,7 @@ TEST_CASE("--log-format json: every line is one JSON object; relay id, app, env 
       sql += "INSERT INTO natspubsub_outbox (event_id, subject, payload) VALUES ('json-" + std::to_string(i) +
              "', 'test.orders.order.created', '{}');";
     }
-    REQUIRE(testing::run_command("sqlite3 " + sh_quote(db) + " \"" + sql + "\"").status == 0);
+    REQUIRE(testing::run_command("sqlite3 -cmd '.timeout 10000' " + sh_quote(db) + " \"" + sql + "\"").status == 0);
   };
   // Every line parses, has the four fixed members, and names the application; returns them all.
   auto parse_lines = [](const std::string& text) {
@@ -684,7 +684,7 @@ TEST_CASE("start-up checks: each refusal is one line with a documented exit code
 
   // --no-migrate on a database without the tables: the missing migration by name, no SQL.
   auto empty = (dir.path() / "empty.db").string();
-  REQUIRE(testing::run_command("sqlite3 " + sh_quote(empty) + " 'PRAGMA user_version = 7;'").status == 0);
+  REQUIRE(testing::run_command("sqlite3 -cmd '.timeout 10000' " + sh_quote(empty) + " 'PRAGMA user_version = 7;'").status == 0);
   auto no_tables = testing::run_command(kRelay + " --database sqlite://" + empty + nats + " --no-migrate 2>&1", 30s);
   INFO(no_tables.output);
   CHECK(no_tables.status == 4);

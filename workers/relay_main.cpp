@@ -156,6 +156,7 @@ int main(int argc, char** argv) {
   bool once = false;
   bool no_migrate = false;
   bool delete_sent = false;
+  bool lease_claims = false;
   std::string log_format = "text";
   std::string metrics_addr;
   cli.add_option("--database", database_url,
@@ -185,6 +186,10 @@ int main(int argc, char** argv) {
       ->envname("NATSPUBSUB_RELAY_ID");
   cli.add_flag("--delete-sent", delete_sent, "delete rows once published instead of marking them sent")
       ->envname("NATSPUBSUB_RELAY_DELETE_SENT");
+  cli.add_flag("--lease-claims", lease_claims,
+               "PostgreSQL: claim rows with a lease (status publishing) instead of holding them by row locks; "
+               "needed while relays without held claims (older builds) run on the same database")
+      ->envname("NATSPUBSUB_RELAY_LEASE_CLAIMS");
   cli.add_flag("--once", once,
                "publish the rows in the outbox at start, then exit 0 (exit 5 if NATS stays unavailable for "
                "--nats-wait seconds)");
@@ -237,6 +242,7 @@ int main(int argc, char** argv) {
   options.lease = Millis{lease_ms};
   options.ack_timeout = Millis{ack_timeout_ms};
   options.delete_sent = delete_sent;
+  options.hold_claims = !lease_claims;
 
   Config config;
   try {

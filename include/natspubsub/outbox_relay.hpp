@@ -61,6 +61,14 @@ struct RelayOptions {
   Millis cleanup_interval{60000};
   int publish_window = 256;             ///< messages in flight
   Millis ack_timeout{10000};
+  /// PostgreSQL: a batch is held by row locks in a transaction left open while it publishes, and
+  /// each row is written once, when its outcome is known (sent, deleted or failed); a relay that
+  /// dies gives its rows back at once. false: lease claims (status `publishing`, locked_until),
+  /// two writes per row, as every relay did before held claims. Relays of both kinds must not
+  /// run on one database at the same time (a lease claim cannot see the locks): when upgrading,
+  /// stop the old relays before starting new ones, or run the new ones with false until the old
+  /// ones are gone. SQLite always uses leases.
+  bool hold_claims = true;
 };
 
 /// A histogram of publish latencies (claim to acknowledgement), in seconds, Prometheus style.
