@@ -349,6 +349,7 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     // Held ahead behind a long batch: a held batch has no lease to renew (PostgreSQL ends a
     // transaction idle for the lease), so it is given back whole and claimed again afresh.
     held->abandon();
+    ahead_paused = kAheadPause;  // batches this long: the next few are not claimed ahead
     std::lock_guard lock(stats_mutex);
     stats.released += rows.size();
     return rows.size();
@@ -443,9 +444,12 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     // A batch claimed ahead has waited for the previous one, so its first round is checked too
     // (its rows are released and the next claim, not made ahead, starts afresh).
     const auto round_max = o.ack_timeout * static_cast<int64_t>((go.size() + bo.window - 1) / bo.window);
+    // A held batch must also be written before PostgreSQL ends its transaction (idle for the
+    // lease): a margin for the outcome's statements and the checks a failed round makes.
+    const auto limit = held != nullptr ? o.lease - std::max<Millis>(Millis{1000}, o.lease / 10) : o.lease;
     // Stop requested (SIGTERM): the rounds not started are given back rather than finished.
     if ((published_rounds > 0 || batch.prefetched) &&
-        (stop.stop_requested() || std::chrono::steady_clock::now() - started + round_max >= o.lease)) {
+        (stop.stop_requested() || std::chrono::steady_clock::now() - started + round_max >= limit)) {
       for (auto i : go) out.held_back.push_back(rows[i].id);
       stop_all = true;
       continue;

@@ -69,6 +69,12 @@ std::vector<std::int64_t> ids_of(const std::vector<OutboxRow>& rows) {
 
 store::DatabaseUrl parsed(const std::string& url) { return store::DatabaseUrl::parse(url); }
 
+HeldOutcome all_sent(const std::vector<OutboxRow>& rows) {
+  HeldOutcome outcome;
+  outcome.sent = ids_of(rows);
+  return outcome;
+}
+
 }  // namespace
 
 TEST_CASE("held claims: others take neither the held rows nor the later rows of their keys, and are not kept off the rest") {
@@ -87,13 +93,13 @@ TEST_CASE("held claims: others take neither the held rows nor the later rows of 
 
   // `b` locked the keyed rows on its way and let them go: once `a` is written, a third claim
   // takes them, in order, while `b` is still open.
-  CHECK(a->finish(HeldOutcome{.sent = ids_of(a->rows())}).failed.empty());
+  CHECK(a->finish(all_sent(a->rows())).failed.empty());
   auto c = claims.claim(20, std::numeric_limits<std::int64_t>::max());
   std::vector<std::string> expected;
   for (int i = 2; i < 10; ++i) expected.push_back("e-" + std::to_string(i));
   CHECK(events_of(c->rows()) == expected);
-  c->finish(HeldOutcome{.sent = ids_of(c->rows())});
-  b->finish(HeldOutcome{.sent = ids_of(b->rows())});
+  c->finish(all_sent(c->rows()));
+  b->finish(all_sent(b->rows()));
   CHECK(outbox.count("status = 'sent'") == 15);
   CHECK(outbox.count("locked_by IS NOT NULL OR attempts <> 0") == 0);
 }
@@ -150,7 +156,7 @@ TEST_CASE("held claims: an abandoned batch, a dead connection and a batch idle p
     HeldClaims other(parsed(outbox.url), 30s);
     auto c = other.claim(5, all);
     CHECK(c->rows().size() == 5);
-    CHECK_THROWS_AS(b->finish(HeldOutcome{.sent = ids_of(b->rows())}), store::DatabaseError);
+    CHECK_THROWS_AS(b->finish(all_sent(b->rows())), store::DatabaseError);
     c->abandon();
   }
   // Idle in its transaction longer than the lease (a relay cut off from PostgreSQL): the server
@@ -162,8 +168,8 @@ TEST_CASE("held claims: an abandoned batch, a dead connection and a batch idle p
   HeldClaims other(parsed(outbox.url), 30s);
   auto taken = other.claim(5, all);
   CHECK(taken->rows().size() == 5);
-  CHECK_THROWS_AS(slow->finish(HeldOutcome{.sent = ids_of(slow->rows())}), store::DatabaseError);
-  taken->finish(HeldOutcome{.sent = ids_of(taken->rows())});
+  CHECK_THROWS_AS(slow->finish(all_sent(slow->rows())), store::DatabaseError);
+  taken->finish(all_sent(taken->rows()));
   CHECK(outbox.count("status = 'sent'") == 5);
   CHECK(outbox.count("attempts <> 0") == 0);
 }
@@ -244,4 +250,29 @@ TEST_CASE("held claims: concurrent relays keep per-key order and never publish a
       "ON a.partition_key = b.partition_key AND a.id < b.id AND a.sent_at > b.sent_at");
   CHECK(gaps.at(0).as_int(0) == 0);
   MESSAGE("batches: " << batches.load());
+}
+
+// A relay with lease claims (an older build during an upgrade, or --lease-claims) cannot see the
+// row locks: while a held batch is open its claim waits (the claim lock, held shared by the
+// batch), and then sees the batch's outcome instead of taking the rows behind a held row.
+TEST_CASE("held claims: a lease claim waits for the open held batch, then continues after it in key order") {
+  Outbox outbox("held_mixed");
+  for (int i = 0; i < 4; ++i) outbox.add("e-" + std::to_string(i), "k");
+  HeldClaims claims(parsed(outbox.url), 30s);
+  auto held = claims.claim(1, std::numeric_limits<std::int64_t>::max());
+  REQUIRE(events_of(held->rows()) == std::vector<std::string>{"e-0"});
+
+  std::atomic<bool> returned{false};
+  std::vector<OutboxRow> leased;
+  std::thread lease_relay([&] {
+    store::PostgresDatabase db(outbox.url);
+    auto store = make_outbox_store(db);
+    leased = store->claim("old-relay", 10, 30s);
+    returned = true;
+  });
+  std::this_thread::sleep_for(500ms);
+  CHECK_FALSE(returned.load());  // waiting for the held batch
+  held->finish(all_sent(held->rows()));
+  lease_relay.join();
+  CHECK(events_of(leased) == std::vector<std::string>{"e-1", "e-2", "e-3"});
 }

@@ -14,29 +14,22 @@ namespace natspubsub::detail {
 
 namespace {
 
-// $1 batch size, $2 largest id to take, $3 window. The candidates, locked as they are found
-// (FOR NO KEY UPDATE SKIP LOCKED before LIMIT: a row another relay holds is passed over).
-// Claimable: pending and due, or left in `publishing` by a lease claim whose lease ended. The
-// window and the NOT EXISTS are the lease claim's (postgres_outbox.cpp): they only keep the
-// statement from locking rows that cannot be kept; what is kept is decided after (kHeads).
+// $1 batch size, $2 largest id to take. The candidates, locked as they are found (FOR NO KEY
+// UPDATE SKIP LOCKED before LIMIT: a row another relay holds is passed over at the cost of a
+// look). Claimable: pending and due, or left in `publishing` by a lease claim whose lease ended.
+// The NOT EXISTS is the lease claim's per-key rule (postgres_outbox.cpp): it leaves out rows
+// behind a failed row, a row in backoff or a live lease; rows behind a row another relay holds
+// pass it (the lock is invisible), and kHeads drops them after.
+//
+// No window (the lease claim's `bound`): rows other relays hold are `pending` and due, so with
+// three relays claiming ahead the first 4 x batch rows could all be held and a third relay would
+// find nothing for as long as the others run. Without it the statement stops at LIMIT: behind
+// other relays' batches it locks up to batch_size later rows of their keys, which kHeads drops.
 constexpr std::string_view kCandidates = R"sql(
-WITH bound AS (
-  SELECT max(w.id) AS id FROM (
-    SELECT o.id FROM natspubsub_outbox AS o
-    WHERE o.status IN ('pending', 'publishing') AND o.id <= $2
-      AND ((o.status = 'pending' AND o.next_attempt_at <= now())
-           OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
-      AND (o.partition_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM natspubsub_outbox AS b
-            WHERE b.partition_key = o.partition_key AND b.id < o.id
-              AND (b.status = 'failed' OR (b.status = 'pending' AND (b.attempts > 0 OR b.next_attempt_at > b.created_at)))
-              AND NOT (b.status = 'pending' AND b.next_attempt_at <= now())))
-    ORDER BY o.id
-    LIMIT $3) AS w)
 SELECT o.id, o.event_id, o.subject, o.payload, o.headers::text, o.partition_key, o.status, o.attempts, o.last_error,
        (extract(epoch FROM o.next_attempt_at) * 1000)::bigint, (extract(epoch FROM o.created_at) * 1000)::bigint
 FROM natspubsub_outbox AS o
-WHERE o.status IN ('pending', 'publishing') AND o.id <= $2 AND o.id <= (SELECT id FROM bound)
+WHERE o.status IN ('pending', 'publishing') AND o.id <= $2
   AND ((o.status = 'pending' AND o.next_attempt_at <= now())
        OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
   AND (o.partition_key IS NULL OR NOT EXISTS (
@@ -48,11 +41,13 @@ ORDER BY o.id
 LIMIT $1
 FOR NO KEY UPDATE OF o SKIP LOCKED)sql";
 
-// $1 keys (text[]), $2 largest id: every unsent row of those keys up to it, read after the
-// candidates were locked.
+// $1 ids (bigint[]) of keyed candidates, $2 largest id: every unsent row of their keys up to it,
+// read after the candidates were locked. (The keys travel as ids: a text[] literal built here
+// would depend on the client encoding.)
 constexpr std::string_view kHeads =
     "SELECT partition_key, id FROM natspubsub_outbox "
-    "WHERE partition_key = ANY($1::text[]) AND status <> 'sent' AND id <= $2 ORDER BY partition_key, id";
+    "WHERE partition_key IN (SELECT partition_key FROM natspubsub_outbox WHERE id = ANY($1::bigint[])) "
+    "AND status <> 'sent' AND id <= $2 ORDER BY partition_key, id";
 
 // $1 ids (bigint[]): locks them again if they are still claimable (see claim()).
 constexpr std::string_view kRelock = R"sql(
@@ -62,31 +57,17 @@ WHERE o.id = ANY($1::bigint[])
        OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
 FOR NO KEY UPDATE OF o SKIP LOCKED)sql";
 
-// Rows a claim looks at, per row it may take (the lease claim's window).
-constexpr std::int64_t kWindowPerRow = 4;
+// The lease claims' advisory lock (postgres_outbox.cpp, kClaimLock). A held batch takes it
+// shared for as long as it is open: a relay with lease claims (an older build during an upgrade,
+// or --lease-claims) takes it exclusive for each claim and transition, so it waits while held
+// batches are open instead of claiming the rows behind a held row it cannot see.
+constexpr std::int64_t kClaimLock = 0x4e5053424f555442;
 
 std::string pg_array(std::span<const std::int64_t> ids) {
   std::string out = "{";
   for (std::size_t i = 0; i < ids.size(); ++i) {
     if (i != 0) out += ',';
     out += std::to_string(ids[i]);
-  }
-  return out + "}";
-}
-
-// A text[] literal: every element quoted, '"' and '\' escaped.
-std::string pg_text_array(const std::set<std::string>& values) {
-  std::string out = "{";
-  bool first = true;
-  for (const auto& v : values) {
-    if (!first) out += ',';
-    first = false;
-    out += '"';
-    for (char c : v) {
-      if (c == '"' || c == '\\') out += '\\';
-      out += c;
-    }
-    out += '"';
   }
   return out + "}";
 }
@@ -109,7 +90,14 @@ std::string failures_with_max_json(const HeldOutcome& outcome) {
 struct HeldBatch::Session {
   std::unique_ptr<store::PostgresDatabase> db;
   std::unique_ptr<pqxx::work> txn;
+  std::chrono::steady_clock::time_point idle_since;  // in the pool since
 };
+
+namespace {
+// A pooled connection unused for longer is closed rather than reused: a server's
+// idle_session_timeout, or a firewall dropping quiet connections, may have ended it meanwhile.
+constexpr auto kMaxIdle = std::chrono::seconds(30);
+}  // namespace
 
 HeldClaims::HeldClaims(store::DatabaseUrl url, std::chrono::milliseconds lease)
     : url_(std::move(url)), lease_(lease) {}
@@ -117,24 +105,28 @@ HeldClaims::HeldClaims(store::DatabaseUrl url, std::chrono::milliseconds lease)
 HeldClaims::~HeldClaims() = default;
 
 std::unique_ptr<HeldBatch::Session> HeldClaims::take_session() {
+  std::vector<std::unique_ptr<HeldBatch::Session>> stale;  // closed outside the mutex
+  std::unique_ptr<HeldBatch::Session> s;
   {
     std::lock_guard lock(mutex_);
-    if (!idle_.empty()) {
-      auto s = std::move(idle_.back());
+    const auto now = std::chrono::steady_clock::now();
+    while (!idle_.empty() && !s) {
+      auto candidate = std::move(idle_.back());
       idle_.pop_back();
-      return s;
+      if (now - candidate->idle_since > kMaxIdle)
+        stale.push_back(std::move(candidate));
+      else
+        s = std::move(candidate);
     }
   }
-  auto s = std::make_unique<HeldBatch::Session>();
+  if (s) return s;
+  s = std::make_unique<HeldBatch::Session>();
   s->db = std::make_unique<store::PostgresDatabase>(url_);
-  // A relay that stops talking to PostgreSQL in the middle of a batch (hung, cut off) loses its
-  // locks after the lease, as a lease claim would.
-  s->db->execute("SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
-                 {std::to_string(std::max<std::int64_t>(1, lease_.count()))});
   return s;
 }
 
 void HeldClaims::put_back(std::unique_ptr<HeldBatch::Session> session) {
+  session->idle_since = std::chrono::steady_clock::now();
   std::lock_guard lock(mutex_);
   idle_.push_back(std::move(session));
 }
@@ -146,30 +138,37 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     session->txn = std::make_unique<pqxx::work>(session->db->connection());
     auto& txn = *session->txn;
     // Plans without sorts, bitmap scans or JIT: see the lease claim (postgres_outbox.cpp).
-    // The savepoint: locks taken after it go with a rollback to it (below).
+    // A relay that stops talking to PostgreSQL in the middle of a batch (hung, cut off) loses its
+    // locks after the lease, as a lease claim would; so does a statement that runs that long.
+    // The shared claim lock: see kClaimLock. The savepoint: locks taken after it go with a
+    // rollback to it (below).
+    const auto lease_ms = std::to_string(std::max<std::int64_t>(1, lease_.count()));
     txn.exec("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off; "
-             "SAVEPOINT natspubsub_candidates");
+             "SET LOCAL idle_in_transaction_session_timeout = " + lease_ms +
+             "; SET LOCAL statement_timeout = " + lease_ms +
+             "; SELECT pg_advisory_xact_lock_shared(" + std::to_string(kClaimLock) +
+             "); SAVEPOINT natspubsub_candidates");
     const auto batch = static_cast<std::int64_t>(std::max<std::size_t>(1, batch_size));
     auto rows = store::detail::to_rows(
-        store::detail::pg_exec(txn, kCandidates, {batch, up_to_id, batch * kWindowPerRow}, &session->db->url()));
+        store::detail::pg_exec(txn, kCandidates, {batch, up_to_id}, &session->db->url()));
     std::vector<OutboxRow> locked;
     locked.reserve(rows.size());
     for (const auto& row : rows) locked.push_back(outbox_row_from(row));
     std::sort(locked.begin(), locked.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
 
     // Keep of each key only the run from its first unsent row on, without a gap.
-    std::set<std::string> keys;
+    std::vector<std::int64_t> keyed;
     std::int64_t max_keyed = 0;
     for (const auto& row : locked) {
       if (row.partition_key) {
-        keys.insert(*row.partition_key);
+        keyed.push_back(row.id);
         max_keyed = std::max(max_keyed, row.id);
       }
     }
     std::map<std::string, std::vector<std::int64_t>> unsent;  // key -> unsent ids up to max_keyed, ascending
-    if (!keys.empty()) {
+    if (!keyed.empty()) {
       auto heads = store::detail::to_rows(
-          store::detail::pg_exec(txn, kHeads, {pg_text_array(keys), max_keyed}, &session->db->url()));
+          store::detail::pg_exec(txn, kHeads, {pg_array(keyed), max_keyed}, &session->db->url()));
       for (const auto& h : heads) unsent[h.as_text(0)].push_back(h.as_int(1));
     }
     std::map<std::string, std::size_t> next;  // key -> index in unsent[key] the next kept row must be
@@ -194,9 +193,11 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     if (kept.size() < locked.size()) {
       // Rows locked and not kept would keep others from them for as long as this batch lasts
       // (with hot keys, every later row of the keys another relay holds): let them all go, and
-      // lock again only what is kept. A kept row someone took meanwhile ends its key's run.
+      // lock again only what is kept. A kept row someone took meanwhile ends its key's run, and
+      // the rows after it are let go in another pass, until what is locked is what is kept.
       txn.exec("ROLLBACK TO SAVEPOINT natspubsub_candidates");
-      if (!kept.empty()) {
+      bool settled = kept.empty();
+      for (int pass = 0; pass < 4 && !settled; ++pass) {
         std::vector<std::int64_t> ids;
         ids.reserve(kept.size());
         for (const auto& row : kept) ids.push_back(row.id);
@@ -214,8 +215,12 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
           }
           still.push_back(std::move(row));
         }
+        settled = still.size() == have.size();  // every row locked is kept
+        if (!settled) txn.exec("ROLLBACK TO SAVEPOINT natspubsub_candidates");
         kept = std::move(still);
+        if (kept.empty()) settled = true;
       }
+      if (!settled) kept.clear();  // still moving after 4 passes: nothing this time
     }
   } catch (...) {
     session->txn.reset();  // rolls back

@@ -23,13 +23,16 @@
 // A relay that dies takes its locks with it: PostgreSQL rolls its transaction back when the
 // connection ends, and the rows are claimable again at once with nothing counted. A relay cut
 // off from PostgreSQL is cut off by the server after `lease` idle in the transaction
-// (idle_in_transaction_session_timeout), the same bound as a lease.
+// (idle_in_transaction_session_timeout, set for the transaction: it holds behind a pooler in
+// transaction mode too), the same bound as a lease; a claim statement is bounded by the lease too.
 //
-// Not for mixed relays: a relay with lease claims (RelayOptions::hold_claims false, or a build
-// from before held claims) cannot see these locks and would take the rows behind a held row. Rows such a relay left in `publishing` are treated
-// as a lease claim would: held while the lease lasts, claimable after.
+// Relays with lease claims (RelayOptions::hold_claims false, or a build from before held claims)
+// cannot see these locks and would take the rows behind a held row. So a held batch holds the
+// lease claims' advisory lock shared while it is open; a lease claim takes it exclusive, and
+// waits (older relays stall, they do not break order) while held batches are open. Rows a lease
+// relay left in `publishing` are treated as a lease claim would: held while the lease lasts.
 //
-// Test: tests/outbox_test.cpp ("held claims").
+// Test: tests/postgres_held_claims_test.cpp.
 #include <chrono>
 #include <cstdint>
 #include <memory>
