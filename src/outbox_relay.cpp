@@ -170,6 +170,13 @@ struct OutboxRelay::Impl {
   // kAheadPause batches are claimed without claiming ahead.
   static constexpr int kAheadPause = 8;
   int ahead_paused = 0;
+  // Held claims: the last claim (not ahead) found rows, all behind batches other relays hold.
+  // run() then waits kBehindWait (or the poll interval if longer) before claiming again: an
+  // immediate retry finds the same, and its momentary row locks keep the other relays' next
+  // claims off those rows (4 relays over 100 hot keys, polling every 20 ms: 2,500 msgs/s
+  // together against 10,900 for one).
+  static constexpr Millis kBehindWait{100};
+  bool behind_others = false;
 
 #if NATSPUBSUB_HAS_POSTGRES
   // PostgreSQL with hold_claims: batches held by row locks (store/postgres_held_claims.hpp).
@@ -205,7 +212,10 @@ struct OutboxRelay::Impl {
     if (held_claims) {  // thread-safe, and on connections of its own: no store_mutex
       c.held = held_claims->claim(options.batch_size, up_to_id);
       c.rows = std::move(c.held->rows());
-      if (c.rows.empty()) c.held.reset();
+      if (c.rows.empty()) {
+        if (!prefetched) behind_others = c.held->behind_others();
+        c.held.reset();
+      }
       return c;
     }
 #endif
@@ -715,7 +725,8 @@ void OutboxRelay::run(std::stop_token stop) {
         impl_->last_cleanup = std::chrono::steady_clock::now();
         if (auto cleaned = cleanup(); cleaned > 0) logger()->info("outbox cleanup deleted {} sent rows", cleaned);
       }
-      if (n == 0) sleep_for(stop, o.poll_interval);
+      if (n == 0) sleep_for(stop, impl_->behind_others ? std::max(o.poll_interval, Impl::kBehindWait) : o.poll_interval);
+      impl_->behind_others = false;
     } catch (const std::exception& e) {
       // Database or NATS trouble: log, back off (capped at 30 s), try again. Leased rows come back
       // by themselves when their lease ends, so nothing is lost.

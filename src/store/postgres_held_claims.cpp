@@ -134,6 +134,7 @@ void HeldClaims::put_back(std::unique_ptr<HeldBatch::Session> session) {
 std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_t up_to_id) {
   auto session = take_session();
   std::vector<OutboxRow> kept;
+  bool found_any = false;
   try {
     session->txn = std::make_unique<pqxx::work>(session->db->connection());
     auto& txn = *session->txn;
@@ -154,6 +155,7 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     std::vector<OutboxRow> locked;
     locked.reserve(rows.size());
     for (const auto& row : rows) locked.push_back(outbox_row_from(row));
+    found_any = !locked.empty();
     std::sort(locked.begin(), locked.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
 
     // Keep of each key only the run from its first unsent row on, without a gap.
@@ -234,7 +236,9 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
       put_back(std::move(session));
     } catch (...) {
     }
-    return std::unique_ptr<HeldBatch>(new HeldBatch(*this, nullptr, {}));
+    std::unique_ptr<HeldBatch> empty(new HeldBatch(*this, nullptr, {}));
+    empty->behind_others_ = found_any;
+    return empty;
   }
   return std::unique_ptr<HeldBatch>(new HeldBatch(*this, std::move(session), std::move(kept)));
 }

@@ -69,6 +69,10 @@ class HeldBatch {
 
   [[nodiscard]] const std::vector<OutboxRow>& rows() const noexcept { return rows_; }
   [[nodiscard]] std::vector<OutboxRow>& rows() noexcept { return rows_; }
+  /// Empty although claimable-looking rows were there: every one of them was behind a row
+  /// another batch holds (hot keys). Claiming again at once would find the same, and its
+  /// momentary locks would keep the other batch's next claim off those rows.
+  [[nodiscard]] bool behind_others() const noexcept { return behind_others_; }
   /// Writes `outcome` and commits. Throws DatabaseError (the transaction is then rolled back:
   /// every row as it was, including those published).
   OutboxFailResult finish(const HeldOutcome& outcome);
@@ -82,6 +86,7 @@ class HeldBatch {
   void give_back(bool reusable) noexcept;
 
   HeldClaims* owner_;
+  bool behind_others_ = false;
   std::unique_ptr<Session> session_;
   std::vector<OutboxRow> rows_;
 };
