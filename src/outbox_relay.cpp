@@ -349,12 +349,10 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
   auto rows = std::move(batch.rows);
   if (rows.empty()) return 0;
   auto started = batch.at;
-#if NATSPUBSUB_HAS_POSTGRES
-  detail::HeldBatch* held = batch.held.get();
-#else
+#if !NATSPUBSUB_HAS_POSTGRES
   const void* held = nullptr;
-#endif
-#if NATSPUBSUB_HAS_POSTGRES
+#else
+  detail::HeldBatch* held = batch.held.get();
   if (held != nullptr && batch.prefetched && std::chrono::steady_clock::now() - started >= o.lease / 4) {
     // Held ahead behind a long batch: a held batch has no lease to renew (PostgreSQL ends a
     // transaction idle for the lease), so it is given back whole and claimed again afresh.

@@ -9,6 +9,7 @@
 
 #include "store/outbox_internal.hpp"
 #include "store/postgres_exec.hpp"
+#include "store/postgres_outbox_shared.hpp"
 
 namespace natspubsub::detail {
 
@@ -61,16 +62,9 @@ FOR NO KEY UPDATE OF o SKIP LOCKED)sql";
 // shared for as long as it is open: a relay with lease claims (an older build during an upgrade,
 // or --lease-claims) takes it exclusive for each claim and transition, so it waits while held
 // batches are open instead of claiming the rows behind a held row it cannot see.
-constexpr std::int64_t kClaimLock = 0x4e5053424f555442;
+constexpr std::int64_t kClaimLock = kOutboxClaimLock;
 
-std::string pg_array(std::span<const std::int64_t> ids) {
-  std::string out = "{";
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    if (i != 0) out += ',';
-    out += std::to_string(ids[i]);
-  }
-  return out + "}";
-}
+std::string pg_array(std::span<const std::int64_t> ids) { return pg_bigint_array(ids); }
 
 std::string failures_with_max_json(const HeldOutcome& outcome) {
   auto array = nlohmann::json::array();

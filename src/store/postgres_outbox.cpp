@@ -19,13 +19,14 @@
 
 #include "store/outbox_internal.hpp"
 #include "store/postgres_exec.hpp"
+#include "store/postgres_outbox_shared.hpp"
 
 namespace natspubsub::detail {
 
 namespace {
 
-// "NPSBOUTB" in ASCII: the single-bigint advisory lock serialising claims.
-constexpr std::int64_t kClaimLock = 0x4e5053424f555442;
+// The single-bigint advisory lock serialising claims.
+constexpr std::int64_t kClaimLock = kOutboxClaimLock;
 
 constexpr std::string_view kColumns =
     "id, event_id, subject, payload, headers::text, partition_key, status, attempts, last_error, "
@@ -301,14 +302,7 @@ RETURNING t.id, t.status)sql",
     return rows.size();
   }
 
-  static std::string pg_array(std::span<const std::int64_t> ids) {
-    std::string out = "{";
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      if (i != 0) out += ',';
-      out += std::to_string(ids[i]);
-    }
-    return out + "}";
-  }
+  static std::string pg_array(std::span<const std::int64_t> ids) { return pg_bigint_array(ids); }
 
   static std::vector<OutboxRow> to_sorted_rows(const std::vector<store::Row>& rows) {
     std::vector<OutboxRow> out;
