@@ -54,7 +54,9 @@ std::vector<std::string> enqueue_postgres(store::PostgresDatabase& db, int n, in
   pqxx::work tx(db.connection());
   for (int i = 0; i < n; ++i) {
     auto e = Envelope::make("order.created", "orders", {{"i", i}});
-    enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, "order-" + std::to_string(i % keys)));
+    std::optional<std::string> key;
+    if (keys > 0) key = "order-" + std::to_string(i % keys);
+    enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
     ids.push_back(e.event_id);
   }
   tx.commit();
@@ -249,6 +251,50 @@ TEST_CASE("PostgreSQL: two relays at once publish each event once and keep per-k
 // 20 hot keys: each relay's claims run into rows the other holds, which look pending to a query.
 TEST_CASE("PostgreSQL: two relays with held claims over 20 hot keys: each event once, per-key order") {
   two_postgres_relays(true, 20, false);
+}
+
+// A claim made ahead starts after the last batch claimed (held claims, outbox_relay.cpp): a row
+// below it that becomes claimable later (here: committed after rows with higher ids) is taken by
+// the claim from the start made at least every 250 ms, not left until the backlog is drained.
+TEST_CASE("PostgreSQL: a row committed late, below ids already claimed, is published while the backlog lasts") {
+  testing::NatsServer server;
+  auto url = testing::fresh_postgres_database("relay_late");
+  store::PostgresDatabase setup(url);
+  store::migrate(setup);
+  {
+    Connection admin(testing::test_config(server.url(), "orders"));
+    Topology(admin).ensure_events_stream();
+  }
+  store::PostgresDatabase late_db(url);
+  auto late_tx = std::make_unique<pqxx::work>(late_db.connection());
+  auto late = Envelope::make("order.created", "orders", {{"late", true}});
+  enqueue(*late_tx, OutboxMessage::from_envelope("test.orders.order.created", late));  // takes the lowest id
+  constexpr int kEvents = 30000;
+  auto ids = enqueue_postgres(setup, kEvents, 0);  // no keys: every claim ahead finds rows
+
+  store::PostgresDatabase db(url);
+  Connection nats(testing::test_config(server.url(), "orders"));
+  auto o = fast_options();
+  o.lease = 30s;  // covers two batches: claims are made ahead
+  OutboxRelay relay(nats, db, o);
+  std::jthread worker([&](std::stop_token st) { relay.run(st); });
+  REQUIRE(eventually([&] { return count_status(setup, "sent") >= 1000; }, 60s));
+  late_tx->commit();
+  REQUIRE(eventually([&] { return count_status(setup, "sent") == kEvents + 1; }, 120s));
+  worker.request_stop();
+  worker.join();
+  auto rows = setup.query(
+      "SELECT (SELECT sent_at FROM natspubsub_outbox WHERE event_id = $1) < "
+      "(SELECT max(sent_at) FROM natspubsub_outbox WHERE event_id <> $1), "
+      "(SELECT count(*) FROM natspubsub_outbox WHERE event_id <> $1 AND sent_at > "
+      "(SELECT sent_at FROM natspubsub_outbox WHERE event_id = $1))",
+      {late.event_id});
+  MESSAGE("rows sent after the late row: " << rows.at(0).as_int(1));
+  CHECK(rows.at(0).as_text(0) == "t");
+  CHECK(rows.at(0).as_int(1) > 0);
+  auto c = check_stream(server.url(), ids, 0);
+  CHECK(c.missing == 0);
+  CHECK(c.stored == kEvents + 1);
 }
 
 TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothing lost, nothing duplicated") {

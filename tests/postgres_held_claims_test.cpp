@@ -104,6 +104,37 @@ TEST_CASE("held claims: others take neither the held rows nor the later rows of 
   CHECK(outbox.count("locked_by IS NOT NULL OR attempts <> 0") == 0);
 }
 
+TEST_CASE("held claims: a claim that starts after an id takes nothing before it, and keeps the per-key rule") {
+  Outbox outbox("held_after");
+  // k0: e-0 e-2 e-4, k1: e-1 e-3 e-5, then two unkeyed rows.
+  for (int i = 0; i < 6; ++i) outbox.add("e-" + std::to_string(i), "k" + std::to_string(i % 2));
+  outbox.add("u-0");
+  outbox.add("u-1");
+  HeldClaims claims(parsed(outbox.url), 30s);
+  const auto all = std::numeric_limits<std::int64_t>::max();
+  std::map<std::string, std::int64_t> id;
+  for (const auto& r : outbox.db->query("SELECT event_id, id FROM natspubsub_outbox")) id[r.as_text(0)] = r.as_int(1);
+
+  // Nothing is held or sent: after e-1, the keyed rows all have an earlier unsent row of their
+  // key before the start, so only the unkeyed rows may be taken.
+  auto a = claims.claim(20, all, id["e-1"]);
+  CHECK(events_of(a->rows()) == std::vector<std::string>{"u-0", "u-1"});
+  a->abandon();
+
+  // Once e-0 is sent, k0's next rows (after the start) are its first unsent ones: taken in order.
+  auto head = claims.claim(1, all);
+  REQUIRE(events_of(head->rows()) == std::vector<std::string>{"e-0"});
+  head->finish(all_sent(head->rows()));
+  auto b = claims.claim(20, all, id["e-1"]);
+  CHECK(events_of(b->rows()) == std::vector<std::string>{"e-2", "e-4", "u-0", "u-1"});
+  // And a claim from the start, while `b` is open, takes k1 only.
+  auto c = claims.claim(20, all);
+  CHECK(events_of(c->rows()) == std::vector<std::string>{"e-1", "e-3", "e-5"});
+  b->finish(all_sent(b->rows()));
+  c->finish(all_sent(c->rows()));
+  CHECK(outbox.count("status = 'sent'") == 8);
+}
+
 TEST_CASE("held claims: one write per outcome; a failed row keeps the later rows of its key waiting") {
   Outbox outbox("held_outcome");
   for (int i = 0; i < 3; ++i) outbox.add("a-" + std::to_string(i), "ka");

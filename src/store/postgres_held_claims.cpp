@@ -15,7 +15,8 @@ namespace natspubsub::detail {
 
 namespace {
 
-// $1 batch size, $2 largest id to take. The candidates, locked as they are found (FOR NO KEY
+// $1 batch size, $2 largest id to take, $3 the id to start after. The candidates, locked as
+// they are found (FOR NO KEY
 // UPDATE SKIP LOCKED before LIMIT: a row another relay holds is passed over at the cost of a
 // look). Claimable: pending and due, or left in `publishing` by a lease claim whose lease ended.
 // The NOT EXISTS is the lease claim's per-key rule (postgres_outbox.cpp): it leaves out rows
@@ -30,7 +31,7 @@ constexpr std::string_view kCandidates = R"sql(
 SELECT o.id, o.event_id, o.subject, o.payload, o.headers::text, o.partition_key, o.status, o.attempts, o.last_error,
        (extract(epoch FROM o.next_attempt_at) * 1000)::bigint, (extract(epoch FROM o.created_at) * 1000)::bigint
 FROM natspubsub_outbox AS o
-WHERE o.status IN ('pending', 'publishing') AND o.id <= $2
+WHERE o.status IN ('pending', 'publishing') AND o.id <= $2 AND o.id > $3
   AND ((o.status = 'pending' AND o.next_attempt_at <= now())
        OR (o.status = 'publishing' AND COALESCE(o.locked_until, '-infinity') < now()))
   AND (o.partition_key IS NULL OR NOT EXISTS (
@@ -125,7 +126,7 @@ void HeldClaims::put_back(std::unique_ptr<HeldBatch::Session> session) {
   idle_.push_back(std::move(session));
 }
 
-std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_t up_to_id) {
+std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_t up_to_id, std::int64_t after_id) {
   auto session = take_session();
   std::vector<OutboxRow> kept;
   bool found_any = false;
@@ -145,7 +146,7 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
              "); SAVEPOINT natspubsub_candidates");
     const auto batch = static_cast<std::int64_t>(std::max<std::size_t>(1, batch_size));
     auto rows = store::detail::to_rows(
-        store::detail::pg_exec(txn, kCandidates, {batch, up_to_id}, &session->db->url()));
+        store::detail::pg_exec(txn, kCandidates, {batch, up_to_id, after_id}, &session->db->url()));
     std::vector<OutboxRow> locked;
     locked.reserve(rows.size());
     for (const auto& row : rows) locked.push_back(outbox_row_from(row));

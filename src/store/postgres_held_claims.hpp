@@ -35,6 +35,7 @@
 // Test: tests/postgres_held_claims_test.cpp.
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -98,10 +99,13 @@ class HeldClaims {
   HeldClaims(store::DatabaseUrl url, std::chrono::milliseconds lease);
   ~HeldClaims();
 
-  /// Locks up to `batch_size` claimable rows with id <= `up_to_id` (per-key rule above) and
-  /// returns them in id order; an empty batch when there are none (its transaction is over).
+  /// Locks up to `batch_size` claimable rows with `after_id` < id <= `up_to_id` (per-key rule
+  /// above) and returns them in id order; an empty batch when there are none (its transaction
+  /// is over). `after_id` only narrows the scan (a claim made while this relay's own batches hold
+  /// the rows before it need not step over them): the per-key rule holds whatever it is.
   /// Throws DatabaseError.
-  [[nodiscard]] std::unique_ptr<HeldBatch> claim(std::size_t batch_size, std::int64_t up_to_id);
+  [[nodiscard]] std::unique_ptr<HeldBatch> claim(std::size_t batch_size, std::int64_t up_to_id,
+                                                 std::int64_t after_id = std::numeric_limits<std::int64_t>::min());
 
  private:
   friend class HeldBatch;
