@@ -216,19 +216,20 @@ struct OutboxRelay::Impl {
     c.prefetched = prefetched;
 #if NATSPUBSUB_HAS_POSTGRES
     if (held_claims) {  // thread-safe, and on connections of its own: no store_mutex
-      // A claim ahead starts after the last batch claimed: the rows before it are held by this
-      // relay's batches in flight (the one publishing, the one whose outcome is being written),
-      // and stepping over their locks was most of a claim's time (13 of 16 ms per 500 rows).
-      // Rows it passes over that are claimable (given back, in backoff, committed late with a
-      // lower id) wait for a claim from the start: one at least every kFullScanEvery, and every
-      // claim not made ahead.
+      // A claim ahead starts after the last batch claimed (or before the first row that claim
+      // found and did not keep, such as a row behind this relay's own batch of its key): the
+      // rows before it are held by this relay's batches in flight (the one publishing, the one
+      // whose outcome is being written), and stepping over their locks was most of a claim's
+      // time (13 of 16 ms per 500 rows). Rows below it that become claimable later (given
+      // back, due after a backoff, unkeyed rows committed late with a lower id) wait for a
+      // claim from the start: one at least every kFullScanEvery, and every claim not made ahead.
       std::int64_t after = std::numeric_limits<std::int64_t>::min();
       const auto now = std::chrono::steady_clock::now();
       if (prefetched && now < next_full_scan) after = last_claimed_id.load();
       else next_full_scan = now + kFullScanEvery;
       c.held = held_claims->claim(options.batch_size, up_to_id, after);
       c.rows = std::move(c.held->rows());
-      if (!c.rows.empty()) last_claimed_id = c.rows.back().id;
+      last_claimed_id = c.held->resume_after();
       if (c.rows.empty()) {
         if (!prefetched) behind_others = c.held->behind_others();
         c.held.reset();
@@ -688,6 +689,16 @@ std::size_t OutboxRelay::Impl::cycle(std::optional<std::future<Claimed>>& next, 
 }
 
 void OutboxRelay::Impl::flush_marks_quietly() noexcept {
+  try {
+    join_finishing();
+  } catch (const std::exception& e) {
+    // Rolled back: its rows are as they were and are published again (JetStream drops the
+    // copies inside its duplicate window).
+    logger()->warn("outbox relay {}: could not record a published batch: {}", options.relay_id, e.what());
+    std::lock_guard lock(stats_mutex);
+    stats.errors++;
+  } catch (...) {
+  }
   try {
     flush_marks();
   } catch (const std::exception& e) {

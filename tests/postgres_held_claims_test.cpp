@@ -119,6 +119,7 @@ TEST_CASE("held claims: a claim that starts after an id takes nothing before it,
   // key before the start, so only the unkeyed rows may be taken.
   auto a = claims.claim(20, all, id["e-1"]);
   CHECK(events_of(a->rows()) == std::vector<std::string>{"u-0", "u-1"});
+  CHECK(a->resume_after() == id["e-2"] - 1);  // a claim after it looks at e-2 again
   a->abandon();
 
   // Once e-0 is sent, k0's next rows (after the start) are its first unsent ones: taken in order.
@@ -127,6 +128,7 @@ TEST_CASE("held claims: a claim that starts after an id takes nothing before it,
   head->finish(all_sent(head->rows()));
   auto b = claims.claim(20, all, id["e-1"]);
   CHECK(events_of(b->rows()) == std::vector<std::string>{"e-2", "e-4", "u-0", "u-1"});
+  CHECK(b->resume_after() == id["e-3"] - 1);
   // And a claim from the start, while `b` is open, takes k1 only.
   auto c = claims.claim(20, all);
   CHECK(events_of(c->rows()) == std::vector<std::string>{"e-1", "e-3", "e-5"});

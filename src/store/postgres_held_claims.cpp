@@ -129,6 +129,7 @@ void HeldClaims::put_back(std::unique_ptr<HeldBatch::Session> session) {
 std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_t up_to_id, std::int64_t after_id) {
   auto session = take_session();
   std::vector<OutboxRow> kept;
+  std::vector<std::int64_t> locked_ids;  // every candidate the statement locked
   bool found_any = false;
   try {
     session->txn = std::make_unique<pqxx::work>(session->db->connection());
@@ -151,6 +152,7 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     locked.reserve(rows.size());
     for (const auto& row : rows) locked.push_back(outbox_row_from(row));
     found_any = !locked.empty();
+    for (const auto& row : locked) locked_ids.push_back(row.id);
     std::sort(locked.begin(), locked.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
 
     // Keep of each key only the run from its first unsent row on, without a gap.
@@ -223,6 +225,18 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     session->txn.reset();  // rolls back
     store::rethrow_postgres_error("claiming outbox rows", &url_);
   }
+  // A row found and not kept (behind another batch's row, behind a row of this relay's batch in
+  // flight) must not be passed over by a claim ahead that starts after it.
+  std::int64_t first_dropped = std::numeric_limits<std::int64_t>::max();
+  {
+    std::set<std::int64_t> kept_ids;
+    for (const auto& row : kept) kept_ids.insert(row.id);
+    for (const auto id : locked_ids)
+      if (kept_ids.count(id) == 0) first_dropped = std::min(first_dropped, id);
+  }
+  const std::int64_t resume = first_dropped != std::numeric_limits<std::int64_t>::max()
+                                  ? first_dropped - 1
+                                  : (kept.empty() ? std::numeric_limits<std::int64_t>::min() : kept.back().id);
   if (kept.empty()) {
     // Nothing to publish: end the transaction now (its locks, if any, with it).
     try {
@@ -233,9 +247,12 @@ std::unique_ptr<HeldBatch> HeldClaims::claim(std::size_t batch_size, std::int64_
     }
     std::unique_ptr<HeldBatch> empty(new HeldBatch(*this, nullptr, {}));
     empty->behind_others_ = found_any;
+    empty->resume_after_ = resume;
     return empty;
   }
-  return std::unique_ptr<HeldBatch>(new HeldBatch(*this, std::move(session), std::move(kept)));
+  std::unique_ptr<HeldBatch> held(new HeldBatch(*this, std::move(session), std::move(kept)));
+  held->resume_after_ = resume;
+  return held;
 }
 
 HeldBatch::HeldBatch(HeldClaims& owner, std::unique_ptr<Session> session, std::vector<OutboxRow> rows)

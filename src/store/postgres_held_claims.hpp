@@ -6,7 +6,7 @@
 // 720 ms of database time with the lease claim and mark, 197 ms held.
 //
 //   HeldClaims claims(db.url(), Millis{30000});
-//   auto batch = claims.claim("relay-1", 500, up_to_id);   // rows locked, nothing written
+//   auto batch = claims.claim(500, up_to_id);   // rows locked, nothing written
 //   // publish batch->rows() in order, then:
 //   batch->finish({.sent = acked_ids, .failures = failures});   // one transaction: COMMIT
 //   // or batch->abandon(): ROLLBACK, every row as it was
@@ -74,6 +74,9 @@ class HeldBatch {
   /// another batch holds (hot keys). Claiming again at once would find the same, and its
   /// momentary locks would keep the other batch's next claim off those rows.
   [[nodiscard]] bool behind_others() const noexcept { return behind_others_; }
+  /// Where a later claim may start (`after_id`) without passing over a row this claim found and
+  /// did not keep: one below the first such row, or the last row kept.
+  [[nodiscard]] std::int64_t resume_after() const noexcept { return resume_after_; }
   /// Writes `outcome` and commits. Throws DatabaseError (the transaction is then rolled back:
   /// every row as it was, including those published).
   OutboxFailResult finish(const HeldOutcome& outcome);
@@ -88,6 +91,7 @@ class HeldBatch {
 
   HeldClaims* owner_;
   bool behind_others_ = false;
+  std::int64_t resume_after_ = std::numeric_limits<std::int64_t>::min();
   std::unique_ptr<Session> session_;
   std::vector<OutboxRow> rows_;
 };
