@@ -571,11 +571,20 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     } catch (...) {
       previous = std::current_exception();
     }
-    if (defer_mark && !previous)
+    if (defer_mark && !previous) {
       finishing = std::async(std::launch::async, std::move(write));  // joined by the next batch or flush_marks
-    else
+    } else if (previous) {
+      try {
+        write();
+      } catch (const std::exception& e) {  // both failed: this one is logged and counted, the first passed on
+        logger()->warn("outbox relay {}: could not record a published batch: {}", o.relay_id, e.what());
+        std::lock_guard lock(stats_mutex);
+        stats.errors++;
+      }
+      std::rethrow_exception(previous);
+    } else {
       write();
-    if (previous) std::rethrow_exception(previous);
+    }
     return claimed;
   }
 #endif

@@ -75,7 +75,8 @@ class HeldBatch {
   /// momentary locks would keep the other batch's next claim off those rows.
   [[nodiscard]] bool behind_others() const noexcept { return behind_others_; }
   /// Where a later claim may start (`after_id`) without passing over a row this claim found and
-  /// did not keep: one below the first such row, or the last row kept.
+  /// did not keep: one below the first such row, or the last row kept (the smallest id when it
+  /// found nothing).
   [[nodiscard]] std::int64_t resume_after() const noexcept { return resume_after_; }
   /// Writes `outcome` and commits. Throws DatabaseError (the transaction is then rolled back:
   /// every row as it was, including those published).
