@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <future>
@@ -183,9 +182,10 @@ struct OutboxRelay::Impl {
 #if NATSPUBSUB_HAS_POSTGRES
   // PostgreSQL with hold_claims: batches held by row locks (store/postgres_held_claims.hpp).
   std::unique_ptr<detail::HeldClaims> held_claims;
-  // Where a claim ahead starts (claim()); one claim at a time, from either thread.
+  // Where a claim ahead starts (claim()). One claim at a time, from either thread, ordered by
+  // the claim ahead's future: plain fields.
   static constexpr Millis kFullScanEvery{250};
-  std::atomic<std::int64_t> last_claimed_id{std::numeric_limits<std::int64_t>::min()};
+  std::int64_t last_claimed_id = std::numeric_limits<std::int64_t>::min();
   std::chrono::steady_clock::time_point next_full_scan{};
 #endif
   struct Claimed {
@@ -225,7 +225,7 @@ struct OutboxRelay::Impl {
       // claim from the start: one at least every kFullScanEvery, and every claim not made ahead.
       std::int64_t after = std::numeric_limits<std::int64_t>::min();
       const auto now = std::chrono::steady_clock::now();
-      if (prefetched && now < next_full_scan) after = last_claimed_id.load();
+      if (prefetched && now < next_full_scan) after = last_claimed_id;
       else next_full_scan = now + kFullScanEvery;
       c.held = held_claims->claim(options.batch_size, up_to_id, after);
       c.rows = std::move(c.held->rows());
@@ -278,6 +278,13 @@ struct OutboxRelay::Impl {
     mark_or_keep(take_unmarked());
   }
   void flush_marks_quietly() noexcept;
+  // A held batch's outcome that could not be written: rolled back, its rows are as they were and
+  // are published again (JetStream drops the copies inside its duplicate window).
+  void not_recorded(const std::exception& e) noexcept {
+    logger()->warn("outbox relay {}: could not record a published batch: {}", options.relay_id, e.what());
+    std::lock_guard lock(stats_mutex);
+    stats.errors++;
+  }
   std::size_t publish(Claimed batch, std::stop_token stop = {}, bool defer_mark = false);
   struct Recorded;
   void record(const Recorded& r);
@@ -577,9 +584,7 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
       try {
         write();
       } catch (const std::exception& e) {  // both failed: this one is logged and counted, the first passed on
-        logger()->warn("outbox relay {}: could not record a published batch: {}", o.relay_id, e.what());
-        std::lock_guard lock(stats_mutex);
-        stats.errors++;
+        not_recorded(e);
       }
       std::rethrow_exception(previous);
     } else {
@@ -701,11 +706,7 @@ void OutboxRelay::Impl::flush_marks_quietly() noexcept {
   try {
     join_finishing();
   } catch (const std::exception& e) {
-    // Rolled back: its rows are as they were and are published again (JetStream drops the
-    // copies inside its duplicate window).
-    logger()->warn("outbox relay {}: could not record a published batch: {}", options.relay_id, e.what());
-    std::lock_guard lock(stats_mutex);
-    stats.errors++;
+    not_recorded(e);
   } catch (...) {
   }
   try {
