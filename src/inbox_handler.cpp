@@ -80,11 +80,39 @@ struct InboxHandler::State {
                                           std::to_string(timeout.count()) + " ms");
   }
 
-  // Event ids whose message a batch is running now (any thread). A handler call for one of them
-  // outside its batch's thread (middleware that runs the next step on another thread) would wait
-  // for the batch's own row lock or write turn, which waits for it: refused at once instead.
+  // The deliveries a batch is running now (any thread), by the Message object and by the delivery
+  // (consumer, stream, sequence, delivery count). A handler call for one of them outside its
+  // batch's thread (middleware that runs the next step on another thread, with the message or a
+  // copy of it) would wait for the batch's own row lock or write turn, which waits for it: refused
+  // at once instead. Not by event id: another worker may run another copy of the same event (a
+  // producer's retry, a replay) at the same moment; that call waits for the batch, then finds the
+  // inbox row, and must not be refused.
   std::mutex open_mutex;
-  std::multiset<std::string> open_events;
+  std::multiset<const Message*> open_messages;
+  std::multiset<std::string> open_deliveries;
+
+  bool is_open(const Message& message) {
+    std::lock_guard lock(open_mutex);
+    if (open_messages.count(&message) > 0) return true;
+    const std::string id = delivery_id(message);
+    return !id.empty() && open_deliveries.count(id) > 0;
+  }
+  void open(const Message& message) {
+    std::lock_guard lock(open_mutex);
+    open_messages.insert(&message);
+    if (auto id = delivery_id(message); !id.empty()) open_deliveries.insert(std::move(id));
+  }
+  void close(const Message& message) {
+    std::lock_guard lock(open_mutex);
+    open_messages.erase(open_messages.find(&message));
+    if (auto id = delivery_id(message); !id.empty()) open_deliveries.erase(open_deliveries.find(id));
+  }
+  // Empty for a message without JetStream metadata (only its address identifies it then).
+  static std::string delivery_id(const Message& m) {
+    if (m.metadata.stream_sequence == 0) return {};
+    return m.metadata.consumer + '\n' + m.metadata.stream + '\n' + std::to_string(m.metadata.stream_sequence) +
+           '\n' + std::to_string(m.metadata.deliveries);
+  }
 
   void give_back(Lease lease) {
     std::lock_guard lock(mutex);
@@ -137,8 +165,7 @@ void InboxHandler::operator()(const Message& message) const {
   }
 
   {
-    std::lock_guard lock(s.open_mutex);
-    if (s.open_events.count(key.event_id) > 0) {
+    if (s.is_open(message)) {
       s.failures.fetch_add(1);
       throw ConfigError("inbox_handler.max_batch",
                         "the handler of " + key.event_id +
@@ -218,17 +245,12 @@ std::exception_ptr InboxHandler::run_batch(const std::vector<const Message*>& me
   BatchScope* previous = current_batch;
   current_batch = &scope;
   for (std::size_t i = 0; i < count; ++i) {
-    const std::string& running = messages[i]->envelope.event_id;
-    {
-      std::lock_guard lock(s.open_mutex);
-      s.open_events.insert(running);
-    }
+    s.open(*messages[i]);
     try {
       run(i);
     } catch (...) {  // run() must not throw; the batch still ends properly if it does
     }
-    std::lock_guard lock(s.open_mutex);
-    s.open_events.erase(s.open_events.find(running));
+    s.close(*messages[i]);
   }
   current_batch = previous;
 

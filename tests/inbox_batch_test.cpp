@@ -199,6 +199,60 @@ void middleware_on_another_thread(const std::string& url) {
   CHECK(count(url, "SELECT COUNT(*) FROM ledger") == static_cast<int64_t>(consumer.stats().front().acked));
 }
 
+// Another copy of an event (a producer's retry outside the duplicate window, a replay) run by
+// another worker while a batch is running the first copy: it waits for the batch, then finds
+// the inbox row and is acknowledged as a duplicate. It is not the case above (same delivery,
+// another thread) and must not be refused as it. Before the fix it was refused with a
+// ConfigError, counted a failure and retried (seen in CI in inbox_handler_test).
+void copy_of_an_event_a_batch_is_running(const std::string& url) {
+  Setup f(url);
+  Topology(f.orders).ensure_events_stream();
+  Publisher publisher(f.orders);
+  std::vector<RawMessage> raws;
+  for (int i = 0; i < kEvents; ++i) raws.push_back(publisher.prepare("payment.requested", {{"i", i}}));
+  for (const auto& r : publisher.publish_raw_batch(raws)) REQUIRE(r);
+
+  std::atomic<int> calls{0};
+  std::atomic<bool> first{true};
+  std::atomic<bool> slow_started{false};
+  std::mutex slow_mutex;
+  std::string slow_event;
+  auto writer = ledger_writer(calls);
+  // The first call of all sleeps inside its transaction while the copy is published.
+  InboxHandler handler([&] { return store::open_database(url); }, [&](const Message& m, store::Transaction& tx) {
+    writer(m, tx);
+    if (first.exchange(false)) {
+      {
+        std::lock_guard lock(slow_mutex);
+        slow_event = m.envelope.event_id;
+      }
+      slow_started = true;
+      std::this_thread::sleep_for(1500ms);
+    }
+  });
+  Consumer consumer(f.nats);
+  consumer.subscribe_subject("test.orders.>", handler, Setup::options());
+  consumer.start();
+  REQUIRE(eventually([&] { return slow_started.load(); }, 10s));
+  RawMessage copy;
+  {
+    std::lock_guard lock(slow_mutex);
+    for (const auto& r : raws)
+      if (r.msg_id == slow_event) copy = r;
+  }
+  REQUIRE(!copy.msg_id.empty());
+  copy.msg_id += "-copy";
+  for (const auto& r : publisher.publish_raw_batch({copy})) REQUIRE(r);
+
+  REQUIRE(eventually([&] { return consumer.stats().front().acked == kEvents + 1; }, 30s));
+  consumer.stop(5s);
+  CHECK(handler.batches() >= 1);
+  CHECK(handler.failures() == 0);
+  CHECK(handler.duplicates() == 1);
+  CHECK(consumer.stats().front().retried == 0);
+  check_ledger(url, kEvents);
+}
+
 void throwing_handler_in_a_batch(const std::string& url) {
   Setup f(url);
   f.publish(kEvents, {{5, {{"flaky", true}}}, {12, {{"poison", true}}}});
@@ -446,6 +500,15 @@ TEST_CASE("SQLite: a message whose COMMIT always fails goes to the DLQ alone; it
 
 TEST_CASE("PostgreSQL: middleware running the handler on another thread is refused at once, not hung") {
   middleware_on_another_thread(testing::fresh_postgres_database("inbox_batch"));
+}
+
+TEST_CASE("PostgreSQL: a copy of an event run by another worker while a batch runs the first is a duplicate, not refused") {
+  copy_of_an_event_a_batch_is_running(testing::fresh_postgres_database("inbox_batch"));
+}
+
+TEST_CASE("SQLite: a copy of an event run by another worker while a batch runs the first is a duplicate, not refused") {
+  testing::TempDir dir;
+  copy_of_an_event_a_batch_is_running("sqlite://" + testing::sqlite_file(dir));
 }
 
 TEST_CASE("PostgreSQL, one message per transaction: a handler that swallows a database error fails, is retried") {
