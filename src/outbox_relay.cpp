@@ -24,11 +24,13 @@
 #include <natspubsub/outbox.hpp>
 #include <natspubsub/publisher.hpp>
 #include <natspubsub/store/database.hpp>
+#include <natspubsub/store/sqlite.hpp>
 #if NATSPUBSUB_HAS_POSTGRES
 #include <natspubsub/store/postgres.hpp>
 
 #include "store/postgres_held_claims.hpp"
 #endif
+#include "store/outbox_internal.hpp"
 
 namespace natspubsub {
 namespace {
@@ -319,7 +321,10 @@ OutboxRelay::OutboxRelay(Connection& connection, store::Database& database, Rela
   impl_->connection = &connection;
   impl_->database = &database;
   impl_->options = std::move(options);
-  impl_->store = make_outbox_store(database);
+  if (auto* sqlite = dynamic_cast<store::SqliteDatabase*>(&database); sqlite != nullptr)
+    impl_->store = detail::make_sqlite_relay_store(*sqlite, impl_->options.hold_claims);  // the file's relay lock
+  else
+    impl_->store = make_outbox_store(database);
   impl_->publisher = std::make_unique<Publisher>(connection);
   impl_->last_cleanup = std::chrono::steady_clock::now();
 #if NATSPUBSUB_HAS_POSTGRES

@@ -170,6 +170,66 @@ TEST_CASE("SQLite: a row nobody can store is retried with backoff, then failed; 
   CHECK(relay.stats().failed == 1);
 }
 
+// The relay's default on SQLite: it holds the file's relay lock alone, and its claims read.
+// Counted from outside: a trigger counts every UPDATE of an outbox row, the stream is read back.
+TEST_CASE("SQLite: one relay per file; its claims read, so each row is written once; a pipelined drain publishes nothing twice and keeps key order") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  const auto path = testing::sqlite_file(dir);
+  store::SqliteDatabase db(path);
+  store::migrate(db);
+  constexpr int kKeys = 40;
+  auto keyed = enqueue_sqlite(db, 20000, kKeys);
+  auto unkeyed = enqueue_sqlite(db, 5000);
+  db.execute("CREATE TABLE row_writes (id INTEGER)");
+  db.execute("CREATE TRIGGER count_row_writes AFTER UPDATE ON natspubsub_outbox BEGIN "
+             "INSERT INTO row_writes VALUES (NEW.id); END");
+  Connection nats(testing::test_config(server.url(), "orders"));
+  Topology(nats).ensure_events_stream();
+
+  auto o = fast_options();
+  o.lease = 30s;  // covers two batches: claims ahead (pipelined)
+  {
+    OutboxRelay relay(nats, db, o);
+    // No second relay on the file while it runs, whatever its claims.
+    store::SqliteDatabase other(path);
+    CHECK_THROWS_AS(OutboxRelay(nats, other, o), ConfigError);
+    auto lease = o;
+    lease.hold_claims = false;
+    CHECK_THROWS_AS(OutboxRelay(nats, other, lease), ConfigError);
+
+    CHECK(relay.drain() == 25000);
+    const auto st = relay.stats();
+    CHECK(st.published == 25000);
+    CHECK(st.duplicates == 0);  // no row was published again while its batch was in flight
+    CHECK(st.errors == 0);
+  }
+  CHECK(count_status(db, "sent") == 25000);
+  // Once: sent, with nothing written at the claim (lease claims write `publishing` first: 50,000).
+  CHECK(db.query("SELECT COUNT(*) FROM row_writes")[0].as_int(0) == 25000);
+  CHECK(db.query("SELECT COUNT(DISTINCT id) FROM row_writes")[0].as_int(0) == 25000);
+  auto k = check_stream(server.url(), keyed, kKeys);
+  auto u = check_stream(server.url(), unkeyed, 0);
+  CHECK(k.stored == 25000);
+  CHECK(k.distinct == 25000);
+  CHECK(k.missing == 0);
+  CHECK(u.missing == 0);
+  CHECK(k.out_of_order == 0);
+
+  // The lock ends with the relay. Lease relays share it, and keep a relay with read claims out.
+  store::SqliteDatabase a(path);
+  store::SqliteDatabase b(path);
+  auto lease = o;
+  lease.hold_claims = false;
+  {
+    OutboxRelay first(nats, a, lease);
+    OutboxRelay second(nats, b, lease);
+    CHECK_THROWS_AS(OutboxRelay(nats, db, o), ConfigError);
+  }
+  OutboxRelay again(nats, db, o);
+  CHECK(again.drain() == 0);
+}
+
 TEST_CASE("SQLite: retention delete and cleanup of old sent rows") {
   testing::NatsServer server;
   testing::TempDir dir;
@@ -182,12 +242,14 @@ TEST_CASE("SQLite: retention delete and cleanup of old sent rows") {
   auto o = fast_options();
   o.cleanup_after = 0ms;
   o.cleanup_batch = 7;
-  OutboxRelay keep(nats, db, o);
-  CHECK(keep.drain() == 20);
-  CHECK(count_status(db, "sent") == 20);
-  std::this_thread::sleep_for(5ms);
-  CHECK(keep.cleanup() == 20);  // 7 + 7 + 6 in bounded batches
-  CHECK(count_status(db, "sent") == 0);
+  {
+    OutboxRelay keep(nats, db, o);  // one relay per SQLite file at a time (its relay lock)
+    CHECK(keep.drain() == 20);
+    CHECK(count_status(db, "sent") == 20);
+    std::this_thread::sleep_for(5ms);
+    CHECK(keep.cleanup() == 20);  // 7 + 7 + 6 in bounded batches
+    CHECK(count_status(db, "sent") == 0);
+  }
 
   enqueue_sqlite(db, 5);
   o.delete_sent = true;

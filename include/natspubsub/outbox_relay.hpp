@@ -67,7 +67,11 @@ struct RelayOptions {
   /// two writes per row, as every relay did before held claims. Relays of both kinds must not
   /// run on one database at the same time (a lease claim cannot see the locks): when upgrading,
   /// stop the old relays before starting new ones, or run the new ones with false until the old
-  /// ones are gone. SQLite always uses leases.
+  /// ones are gone.
+  /// SQLite: the relay locks `<file>-relay.lock` (flock) exclusively, so it is the only relay on
+  /// the file, and a claim only reads: rows stay `pending` while they publish and each is written
+  /// once, with its outcome. false: lease claims, under a shared lock (several lease relays may
+  /// run, none with true). Another relay holding the lock the other way: ConfigError.
   bool hold_claims = true;
 };
 

@@ -16,6 +16,10 @@ namespace natspubsub::detail {
 
 [[nodiscard]] std::unique_ptr<OutboxStore> make_sqlite_outbox_store(store::SqliteDatabase& db);
 [[nodiscard]] std::unique_ptr<OutboxStore> make_postgres_outbox_store(store::PostgresDatabase& db);
+/// The store a relay uses on SQLite: takes the file's relay lock (ConfigError when another relay
+/// holds it). `relay_claims`: claims that read (rows stay pending, written once with their
+/// outcome) under an exclusive lock; else lease claims under a shared one (sqlite_outbox.cpp).
+[[nodiscard]] std::unique_ptr<OutboxStore> make_sqlite_relay_store(store::SqliteDatabase& db, bool relay_claims);
 
 /// A row selected as: id, event_id, subject, payload, headers (JSON text), partition_key,
 /// status, attempts, last_error, next_attempt_at (Unix ms), created_at (Unix ms).

@@ -1,9 +1,31 @@
 // The outbox store on SQLite. Every operation is one BEGIN IMMEDIATE transaction: SQLite has
 // one writer at a time, so claims (from any number of relay processes) are serialised by the
 // database's write lock and always decide on the latest committed state.
+//
+// Two kinds of claims:
+// - Lease claims (make_sqlite_outbox_store, and a relay with hold_claims off): a claim writes
+//   its rows `publishing` with a lease; the marks touch only rows still held (OutboxStore).
+// - Relay claims (make_sqlite_relay_store, the relay's default): the relay holds the file's
+//   relay lock exclusively, so no other relay claims from this database, and a claim is a read:
+//   its rows stay `pending` and each row is written once, with its outcome (sent, deleted, or
+//   its failure). The store remembers the rows its claims returned and no outcome has settled
+//   yet ("owned"): claims never take them, and a keyed row behind one of them waits (the
+//   per-key rule, as if they were held). A claim made ahead (mark_sent_and_claim, while the
+//   last batch publishes) starts after the last owned row: rows below it wait for a claim from
+//   the start, made by claim() and at least every kFullScanEvery by a claim ahead.
 #include <natspubsub/store/sqlite.hpp>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <set>
+
+#include <natspubsub/error.hpp>
 
 #include "store/outbox_internal.hpp"
 
@@ -39,26 +61,121 @@ WHERE id IN (
 RETURNING id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at,
           created_at)sql";
 
+// The relay claim: a read. $1 batch size, $2 now (ms), $3 largest id to take, $4 the rows only
+// after this id, $5 owned rows (a JSON array). A keyed row waits behind an earlier unsent row of
+// its key that is not claimable, owned, or at or below $4 (it may be owned, or left out by an
+// earlier claim: a claim from the start decides).
+constexpr std::string_view kRelayClaim = R"sql(
+SELECT id, event_id, subject, payload, headers, partition_key, status, attempts, last_error, next_attempt_at,
+       created_at
+FROM natspubsub_outbox AS o
+WHERE o.status IN ('pending', 'publishing') AND o.id <= $3 AND o.id > $4
+  AND o.id NOT IN (SELECT value FROM json_each($5))
+  AND ((o.status = 'pending' AND o.next_attempt_at <= $2)
+       OR (o.status = 'publishing' AND COALESCE(o.locked_until, 0) < $2))
+  AND (o.partition_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM natspubsub_outbox AS e
+        WHERE e.partition_key = o.partition_key AND e.id < o.id AND e.status <> 'sent'
+          AND (e.id <= $4 OR e.id IN (SELECT value FROM json_each($5))
+               OR NOT ((e.status = 'pending' AND e.next_attempt_at <= $2)
+                       OR (e.status = 'publishing' AND COALESCE(e.locked_until, 0) < $2)))))
+ORDER BY o.id
+LIMIT $1)sql";
+
 constexpr std::string_view kHeld = " AND status = 'publishing' AND locked_by = $1";
+// Relay claims: the rows are `pending` (or `publishing` left by a lease relay before, taken
+// with its lease ended); no other relay claims them. $1 is unused.
+constexpr std::string_view kOwned = " AND status IN ('pending', 'publishing') AND $1 IS NOT NULL";
 // $1 relay, $2 ids (a JSON array), $3 now (ms); followed by kHeld.
 constexpr std::string_view kMarkSent =
     "UPDATE natspubsub_outbox SET status = 'sent', sent_at = $3, locked_by = NULL, locked_until = NULL "
     "WHERE id IN (SELECT value FROM json_each($2))";
 constexpr std::string_view kDeleteSent = "DELETE FROM natspubsub_outbox WHERE id IN (SELECT value FROM json_each($2))";
 
+// The relay lock: a file beside the database, `<path>-relay.lock`, locked with flock() for as
+// long as the store lives (the kernel drops it when the process ends, however it ends). A relay
+// with relay claims takes it exclusively, one with lease claims shared: two relays of which
+// one claims by reading cannot run on one file. A database without a file (":memory:") has none.
+class RelayLock {
+ public:
+  RelayLock(const std::string& db_path, bool exclusive) {
+    if (db_path.empty() || db_path == ":memory:" || db_path.rfind("file:", 0) == 0) return;
+    path_ = db_path + "-relay.lock";
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0)
+      throw ConfigError("relay.database", "cannot open the relay lock " + path_ + ": " + std::strerror(errno));
+    if (::flock(fd_, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      fd_ = -1;
+      if (err == EWOULDBLOCK)
+        throw ConfigError("relay.database",
+                          "another relay is running on " + db_path + " (it holds " + path_ +
+                              "): run one relay per SQLite database" +
+                              (exclusive ? "" : " (or all of them with lease claims, --lease-claims)"));
+      throw ConfigError("relay.database", "cannot lock " + path_ + ": " + std::strerror(err));
+    }
+  }
+  RelayLock(const RelayLock&) = delete;
+  RelayLock& operator=(const RelayLock&) = delete;
+  ~RelayLock() {
+    if (fd_ >= 0) ::close(fd_);  // releases the lock
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
 class SqliteOutboxStore final : public OutboxStore {
  public:
+  enum class Claims { lease, relay };
+  // A claim ahead is made from the start of the outbox at least this often (relay claims).
+  static constexpr std::chrono::milliseconds kFullScanEvery{250};
+
   explicit SqliteOutboxStore(store::SqliteDatabase& db) : db_(db) {}
+  SqliteOutboxStore(store::SqliteDatabase& db, Claims claims)
+      : db_(db), claims_(claims), lock_(std::make_unique<RelayLock>(db.path(), claims == Claims::relay)) {}
 
   std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size, std::chrono::milliseconds lease,
                                std::int64_t up_to_id) override {
+    if (claims_ == Claims::relay) return relay_claim({}, false, batch_size, up_to_id, false);
     return claim_after(relay_id, {}, false, batch_size, lease, up_to_id, false);
   }
 
   std::vector<OutboxRow> mark_sent_and_claim(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
                                              bool delete_sent, std::size_t batch_size,
                                              std::chrono::milliseconds lease, std::int64_t up_to_id) override {
+    if (claims_ == Claims::relay) return relay_claim(sent_ids, delete_sent, batch_size, up_to_id, true);
     return claim_after(relay_id, sent_ids, delete_sent, batch_size, lease, up_to_id, true);
+  }
+
+  // Relay claims: marks `sent_ids` (no longer owned), then reads the next batch (now owned).
+  std::vector<OutboxRow> relay_claim(std::span<const std::int64_t> sent_ids, bool delete_sent,
+                                     std::size_t batch_size, std::int64_t up_to_id, bool ahead) {
+    if (batch_size == 0 && sent_ids.empty()) return {};
+    const auto now = unix_ms_now();
+    auto txn = db_.begin();
+    if (!sent_ids.empty())
+      txn.execute(std::string(delete_sent ? kDeleteSent : kMarkSent) + std::string(kOwned),
+                  delete_sent ? store::Params{std::string_view("relay"), ids_json(sent_ids)}
+                              : store::Params{std::string_view("relay"), ids_json(sent_ids), now});
+    std::vector<store::Row> rows;
+    if (batch_size > 0) {
+      std::set<std::int64_t> owned = owned_;
+      for (auto id : sent_ids) owned.erase(id);
+      std::int64_t after = std::numeric_limits<std::int64_t>::min();
+      const auto clock = std::chrono::steady_clock::now();
+      if (ahead && clock < next_full_scan_ && !owned.empty()) after = *owned.rbegin();
+      else next_full_scan_ = clock + kFullScanEvery;
+      const std::vector<std::int64_t> owned_ids(owned.begin(), owned.end());
+      rows = txn.query(kRelayClaim, {static_cast<std::int64_t>(batch_size), now, up_to_id, after, ids_json(owned_ids)});
+    }
+    txn.commit();
+    settle(sent_ids);
+    auto out = to_sorted_rows(rows);
+    for (const auto& row : out) owned_.insert(row.id);
+    return out;
   }
 
   std::vector<OutboxRow> claim_after(std::string_view relay_id, std::span<const std::int64_t> sent_ids,
@@ -80,6 +197,10 @@ class SqliteOutboxStore final : public OutboxStore {
 
   std::size_t renew_lease(std::string_view relay_id, std::span<const std::int64_t> ids,
                           std::chrono::milliseconds lease) override {
+    if (claims_ == Claims::relay) {  // no lease: the rows it owns stay its own
+      return static_cast<std::size_t>(
+          std::count_if(ids.begin(), ids.end(), [&](std::int64_t id) { return owned_.count(id) > 0; }));
+    }
     return update_held(
         "UPDATE natspubsub_outbox SET locked_until = $3 WHERE id IN (SELECT value FROM json_each($2))",
         relay_id, ids, unix_ms_now() + lease.count());
@@ -92,8 +213,9 @@ class SqliteOutboxStore final : public OutboxStore {
   std::size_t delete_sent(std::string_view relay_id, std::span<const std::int64_t> ids) override {
     if (ids.empty()) return 0;
     auto txn = db_.begin();
-    auto n = txn.execute(std::string(kDeleteSent) + std::string(kHeld), {relay_id, ids_json(ids)});
+    auto n = txn.execute(std::string(kDeleteSent) + std::string(held()), {relay_id, ids_json(ids)});
     txn.commit();
+    settle(ids);
     return static_cast<std::size_t>(n);
   }
 
@@ -114,10 +236,12 @@ SET attempts = attempts + 1,
 FROM (SELECT json_extract(value, '$.id') AS fid, json_extract(value, '$.error') AS error,
              json_extract(value, '$.delay_ms') AS delay_ms
       FROM json_each($2)) AS f
-WHERE natspubsub_outbox.id = f.fid AND status = 'publishing' AND locked_by = $1
-RETURNING id, status)sql",
+WHERE natspubsub_outbox.id = f.fid)sql" + std::string(held()) + " RETURNING id, status",
                           {relay_id, failures_json(failures), max_attempts, unix_ms_now()});
     txn.commit();
+    std::vector<std::int64_t> ids;
+    for (const auto& f : failures) ids.push_back(f.id);
+    settle(ids);
     for (const auto& row : rows) {
       (row.as_text(1) == "failed" ? result.failed : result.rescheduled).push_back(row.as_int(0));
     }
@@ -127,6 +251,16 @@ RETURNING id, status)sql",
   }
 
   std::size_t release(std::string_view relay_id, std::span<const std::int64_t> ids) override {
+    if (claims_ == Claims::relay) {
+      // Its rows are pending already (nothing is written for them); rows a lease relay had
+      // left in `publishing` go back to pending.
+      const auto owned = renew_lease(relay_id, ids, {});
+      update_held(
+          "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = MIN(next_attempt_at, $3), "
+          "locked_by = NULL, locked_until = NULL WHERE id IN (SELECT value FROM json_each($2)) AND status = 'publishing'",
+          relay_id, ids, unix_ms_now());
+      return owned;
+    }
     return update_held(
         "UPDATE natspubsub_outbox SET status = 'pending', next_attempt_at = MIN(next_attempt_at, $3), locked_by = NULL, "
         "locked_until = NULL WHERE id IN (SELECT value FROM json_each($2))",
@@ -200,13 +334,21 @@ RETURNING id, status)sql",
 
  private:
   // $1 relay, $2 ids (JSON array), $3 the statement's value; only rows still held by the relay.
+  // (Relay claims: `ids` are no longer owned once it committed.)
   std::size_t update_held(std::string_view sql, std::string_view relay_id, std::span<const std::int64_t> ids,
                           std::int64_t value) {
     if (ids.empty()) return 0;
     auto txn = db_.begin();
-    auto n = txn.execute(std::string(sql) + std::string(kHeld), {relay_id, ids_json(ids), value});
+    auto n = txn.execute(std::string(sql) + std::string(held()), {relay_id, ids_json(ids), value});
     txn.commit();
+    settle(ids);
     return static_cast<std::size_t>(n);
+  }
+
+  [[nodiscard]] std::string_view held() const noexcept { return claims_ == Claims::relay ? kOwned : kHeld; }
+  // Relay claims: the outcome of `ids` is in the database; claims may take them again.
+  void settle(std::span<const std::int64_t> ids) {
+    for (auto id : ids) owned_.erase(id);
   }
 
   static std::vector<OutboxRow> to_sorted_rows(const std::vector<store::Row>& rows) {
@@ -219,12 +361,21 @@ RETURNING id, status)sql",
   }
 
   store::SqliteDatabase& db_;
+  Claims claims_ = Claims::lease;
+  std::unique_ptr<RelayLock> lock_;
+  std::set<std::int64_t> owned_;  // relay claims: returned by a claim, outcome not yet written
+  std::chrono::steady_clock::time_point next_full_scan_{};
 };
 
 }  // namespace
 
 std::unique_ptr<OutboxStore> make_sqlite_outbox_store(store::SqliteDatabase& db) {
   return std::make_unique<SqliteOutboxStore>(db);
+}
+
+std::unique_ptr<OutboxStore> make_sqlite_relay_store(store::SqliteDatabase& db, bool relay_claims) {
+  return std::make_unique<SqliteOutboxStore>(
+      db, relay_claims ? SqliteOutboxStore::Claims::relay : SqliteOutboxStore::Claims::lease);
 }
 
 }  // namespace natspubsub::detail
