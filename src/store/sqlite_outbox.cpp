@@ -9,10 +9,12 @@
 //   relay lock exclusively, so no other relay claims from this database, and a claim is a read:
 //   its rows stay `pending` and each row is written once, with its outcome (sent, deleted, or
 //   its failure). The store remembers the rows its claims returned and no outcome has settled
-//   yet ("owned"): claims never take them, and a keyed row behind one of them waits (the
+//   yet ("owned"): claims ahead never take them, and a keyed row behind one of them waits (the
 //   per-key rule, as if they were held). A claim made ahead (mark_sent_and_claim, while the
 //   last batch publishes) starts after the last owned row: rows below it wait for a claim from
-//   the start, made by claim() and at least every kFullScanEvery by a claim ahead.
+//   the start, made by claim() and at least every kFullScanEvery by a claim ahead. claim() is
+//   for when nothing is in flight (the relay makes it once its last batch's outcome is written):
+//   it forgets what was owned, so rows whose outcome an error left unwritten are taken again.
 #include <natspubsub/store/sqlite.hpp>
 
 #include <fcntl.h>
@@ -161,6 +163,10 @@ class SqliteOutboxStore final : public OutboxStore {
                   delete_sent ? store::Params{std::string_view("relay"), ids_json(sent_ids)}
                               : store::Params{std::string_view("relay"), ids_json(sent_ids), now});
     std::vector<store::Row> rows;
+    // A claim not made ahead comes when nothing is in flight (the relay makes it after its last
+    // batch's outcome is written): rows still owned are those whose outcome a failure left
+    // unwritten (they are pending, as they were) and may be claimed again.
+    if (!ahead) owned_.clear();
     if (batch_size > 0) {
       std::set<std::int64_t> owned = owned_;
       for (auto id : sent_ids) owned.erase(id);
