@@ -716,6 +716,35 @@ TEST_CASE("start-up checks: each refusal is one line with a documented exit code
   CHECK(none.output.find("DATABASE_URL") != std::string::npos);
 }
 
+TEST_CASE("a second relay on a SQLite file another relay runs on: refused, exit 3, one line naming the lock") {
+  testing::NatsServer server;
+  testing::TempDir dir;
+  auto path = (dir.path() / "outbox.db").string();
+  auto log = (dir.path() / "first.log").string();
+  pid_t first = spawn({"--database", "sqlite://" + path, "--nats", server.url(), "--env", "test", "--app", "orders"}, log);
+  REQUIRE(eventually([&] {
+    std::ifstream in(log);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    return text.find("started") != std::string::npos;
+  }, 30s));
+  const std::string args = " --database sqlite://" + path + " --nats " + server.url() + " --env test --app orders --once";
+  for (const char* claims : {"", " --lease-claims"}) {
+    auto second = testing::run_command(kRelay + args + claims + " 2>&1", 30s);
+    INFO(claims, second.output);
+    CHECK(second.status == 3);
+    CHECK(second.output.find(path + "-relay.lock") != std::string::npos);
+    CHECK(second.output.find("one relay per SQLite database") != std::string::npos);
+    // One error line (after the usual "connected to NATS" line).
+    CHECK(second.output.find(" error ") == second.output.rfind(" error "));
+  }
+  kill(first, SIGTERM);
+  CHECK(wait_exit(first, 30s) == 0);
+  // Its lock ended with it.
+  auto after = testing::run_command(kRelay + args + " 2>&1", 30s);
+  INFO(after.output);
+  CHECK(after.status == 0);
+}
+
 // True once the process blocks SIGTERM and SIGINT (/proc/PID/status SigBlk): the relay's first
 // constructor has run. Before that only the dynamic loader runs, as in any program.
 bool blocks_stop_signals(pid_t pid) {

@@ -151,8 +151,9 @@ struct OutboxStats {
 /// the write lock does the same. A failed row blocks the later rows of its key until the
 /// operator retries or deletes it: order is kept, never silently broken.
 ///
-/// OutboxRelay on PostgreSQL does not use these claims by default: it holds its batches by row
-/// locks in an open transaction instead (RelayOptions::hold_claims), and writes each row once.
+/// OutboxRelay does not use these claims by default: on PostgreSQL it holds its batches by row
+/// locks in an open transaction instead, on SQLite it claims by reading under the file's relay
+/// lock (RelayOptions::hold_claims); either way it writes each row once.
 ///
 /// For the relay: publish a batch in id order; when a keyed row's publish fails, do not mark
 /// its later same-key rows of the batch sent; release them (or fail them too), so they go out
