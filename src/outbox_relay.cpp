@@ -576,7 +576,8 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     // This batch's transaction is idle while it waits, and `limit` does not count the wait: if
     // the previous outcome takes longer than the margin this batch's rounds left, PostgreSQL ends
     // this transaction (idle for the lease) and this outcome fails as above. Its rounds ended
-    // before, so that costs a republish (dropped by JetStream), not a row or the key order.
+    // before, so that costs a republish (dropped by JetStream), not a row or the key order
+    // (tests/outbox_relay_test.cpp, "a previous outcome slower than the lease margin").
     std::exception_ptr previous;
     try {
       join_finishing();

@@ -428,6 +428,115 @@ CREATE TRIGGER test_fail_once AFTER UPDATE ON natspubsub_outbox
   CHECK(last.size() == static_cast<size_t>(kKeys));
 }
 
+// The wait for the previous outcome is not counted in a held batch's round limit (outbox_relay.cpp,
+// Impl::publish): batch N+1's transaction is idle while N's outcome is written. Here N's outcome
+// takes about 4 s against a 3 s lease (two statements of 2 s: the update that sets a chosen row
+// sent, then the COMMIT, through a deferred trigger; each under the lease, PostgreSQL's
+// statement_timeout), so PostgreSQL ends N+1's transaction (idle for the lease) before its outcome
+// is written. N+1's rows, all published by then, are published again: JetStream drops the
+// copies; nothing is lost or reordered.
+TEST_CASE("PostgreSQL: a previous outcome slower than the lease margin ends the next held batch's transaction: it is published again, each event once, in key order") {
+  testing::NatsServer server;
+  auto url = testing::fresh_postgres_database("relay_slow_outcome");
+  store::PostgresDatabase setup(url);
+  store::migrate(setup);
+  {
+    Connection admin(testing::test_config(server.url(), "orders"));
+    Topology(admin).ensure_events_stream();
+  }
+  constexpr int kEvents = 1000;
+  constexpr int kKeys = 10;
+  {
+    pqxx::work tx(setup.connection());
+    for (int i = 0; i < kEvents; ++i) {
+      auto e = Envelope::make("order.created", "orders", {{"i", i}});
+      std::optional<std::string> key;
+      if (i % 2 == 1) key = "order-" + std::to_string((i / 2) % kKeys);
+      enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
+    }
+    tx.commit();
+  }
+  const auto target = setup.query("SELECT id FROM natspubsub_outbox WHERE partition_key IS NOT NULL ORDER BY id "
+                                  "OFFSET 150 LIMIT 1")
+                          .at(0)
+                          .as_int(0);
+  const auto target_text = std::to_string(target);
+  {
+    pqxx::work tx(setup.connection());
+    tx.exec(R"sql(
+CREATE SEQUENCE test_slow_seen;   -- statements that set the chosen row sent
+CREATE SEQUENCE test_slow_txid;   -- the transaction made slow
+CREATE FUNCTION test_slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM new_rows WHERE id = )sql" + target_text + R"sql( AND status = 'sent') THEN
+    IF nextval('test_slow_seen') = 1 THEN
+      PERFORM setval('test_slow_txid', txid_current());
+      PERFORM pg_sleep(2);
+    END IF;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER test_slow_update AFTER UPDATE ON natspubsub_outbox
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION test_slow_update();
+CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF (SELECT is_called AND last_value = txid_current() FROM test_slow_txid) THEN
+    PERFORM pg_sleep(2);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER test_slow_commit AFTER UPDATE ON natspubsub_outbox DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW WHEN (NEW.id = )sql" + target_text + R"sql( AND NEW.status = 'sent') EXECUTE FUNCTION test_slow_commit();
+)sql");
+    tx.commit();
+  }
+
+  store::PostgresDatabase db(url);
+  Connection nats(testing::test_config(server.url(), "orders"));
+  auto o = fast_options();
+  o.batch_size = 100;
+  o.ack_timeout = 500ms;
+  o.lease = 3s;  // covers two batches (2 x 500 ms): claimed ahead, outcomes on their own thread
+  OutboxRelay relay(nats, db, o);
+  {
+    std::jthread worker([&](std::stop_token st) { relay.run(st); });
+    CHECK(eventually([&] { return count_status(setup, "sent") == kEvents; }, 20s));
+  }
+  const auto seen = setup.query("SELECT last_value FROM test_slow_seen").at(0).as_int(0);
+  const auto s = relay.stats();
+  MESSAGE("errors " << s.errors << ", duplicates " << s.duplicates << ", released " << s.released << ", batches "
+                    << s.batches);
+  // These three say the case happened: the slow outcome was written (it fits the lease statement
+  // by statement), the next batch's was not (its transaction was ended) and its rows were
+  // published again. A change that keeps the waiting batch's transaction alive drops the last two.
+  CHECK(seen == 1);
+  CHECK(s.errors >= 1);
+  CHECK(s.duplicates > 0);
+  CHECK(count_status(setup, "sent") == kEvents);
+
+  std::map<std::string, size_t> position;  // event id -> stream index
+  const auto stored = testing::RawNats(server.url()).read_stream(kStream);
+  for (size_t i = 0; i < stored.size(); ++i) position.emplace(stored[i].msg_id, i);
+  size_t missing = 0;
+  size_t out_of_order = 0;
+  std::map<std::string, size_t> last;  // key -> stream index of its last event seen
+  for (const auto& row : setup.query("SELECT event_id, partition_key FROM natspubsub_outbox ORDER BY id")) {
+    auto it = position.find(row.as_text(0));
+    if (it == position.end()) {
+      ++missing;
+      continue;
+    }
+    if (row.is_null(1)) continue;
+    const auto key = row.as_text(1);
+    if (last.count(key) > 0 && it->second < last[key]) ++out_of_order;
+    last[key] = it->second;
+  }
+  CHECK(stored.size() == static_cast<size_t>(kEvents));
+  CHECK(position.size() == static_cast<size_t>(kEvents));
+  CHECK(missing == 0);
+  CHECK(out_of_order == 0);
+}
+
 TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothing lost, nothing duplicated") {
   testing::NatsServer server;
   auto config = testing::test_config(server.url(), "orders");
