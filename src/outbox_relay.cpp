@@ -576,7 +576,13 @@ std::size_t OutboxRelay::Impl::publish(Claimed batch, std::stop_token stop, bool
     };
     // The previous batch's outcome first: one at a time, in order. If it failed (its rows are
     // as they were, to be published again), this batch's outcome is still written, now, and
-    // then the failure is passed on.
+    // then the failure is passed on (tests/outbox_relay_test.cpp, "a held batch's outcome that
+    // fails while the next batch publishes").
+    // This batch's transaction is idle while it waits, and `limit` does not count the wait: if
+    // the previous outcome takes longer than the margin this batch's rounds left, PostgreSQL ends
+    // this transaction (idle for the lease) and this outcome fails as above. Its rounds ended
+    // before, so that costs a republish (dropped by JetStream), not a row or the key order
+    // (tests/outbox_relay_test.cpp, "a previous outcome slower than the lease margin").
     std::exception_ptr previous;
     try {
       join_finishing();
