@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <thread>
@@ -197,6 +198,11 @@ TEST_CASE("SQLite: one relay per file; its claims read, so each row is written o
     auto lease = o;
     lease.hold_claims = false;
     CHECK_THROWS_AS(OutboxRelay(nats, other, lease), ConfigError);
+    // The same file by another name: the lock goes by the file's real path.
+    const auto link = (dir.path() / "link.db").string();
+    std::filesystem::create_symlink(path, link);
+    store::SqliteDatabase via_link(link);
+    CHECK_THROWS_AS(OutboxRelay(nats, via_link, o), ConfigError);
 
     CHECK(relay.drain() == 25000);
     const auto st = relay.stats();

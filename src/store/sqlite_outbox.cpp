@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -102,7 +103,13 @@ class RelayLock {
  public:
   RelayLock(const std::string& db_path, bool exclusive) {
     if (db_path.empty() || db_path == ":memory:" || db_path.rfind("file:", 0) == 0) return;
-    path_ = db_path + "-relay.lock";
+    // By the file's real path: "outbox.db", "./outbox.db" and a symlink to it share one lock.
+    std::string real = db_path;
+    if (char* resolved = ::realpath(db_path.c_str(), nullptr); resolved != nullptr) {
+      real = resolved;
+      std::free(resolved);
+    }
+    path_ = real + "-relay.lock";
     fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0)
       throw ConfigError("relay.database", "cannot open the relay lock " + path_ + ": " + std::strerror(errno));
