@@ -203,6 +203,11 @@ TEST_CASE("SQLite: one relay per file; its claims read, so each row is written o
     std::filesystem::create_symlink(path, link);
     store::SqliteDatabase via_link(link);
     CHECK_THROWS_AS(OutboxRelay(nats, via_link, o), ConfigError);
+    store::SqliteDatabase via_uri("file:" + path);
+    CHECK_THROWS_AS(OutboxRelay(nats, via_uri, o), ConfigError);
+    // Nor lease claims made through the public store by another program.
+    auto store = make_outbox_store(other);
+    CHECK_THROWS_AS((void)store->claim("someone", 10, 30s), ConfigError);
 
     CHECK(relay.drain() == 25000);
     const auto st = relay.stats();

@@ -187,8 +187,9 @@ int main(int argc, char** argv) {
   cli.add_flag("--delete-sent", delete_sent, "delete rows once published instead of marking them sent")
       ->envname("NATSPUBSUB_RELAY_DELETE_SENT");
   cli.add_flag("--lease-claims", lease_claims,
-               "PostgreSQL: claim rows with a lease (status publishing) instead of holding them by row locks; "
-               "needed while relays without held claims (older builds) run on the same database")
+               "claim rows with a lease (status publishing): on PostgreSQL instead of holding them by row "
+               "locks (needed while relays without held claims, older builds, run on the same database); on "
+               "SQLite instead of read claims, so that several relays may share the file")
       ->envname("NATSPUBSUB_RELAY_LEASE_CLAIMS");
   cli.add_flag("--once", once,
                "publish the rows in the outbox at start, then exit 0 (exit 5 if NATS stays unavailable for "

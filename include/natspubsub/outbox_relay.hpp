@@ -123,6 +123,9 @@ class OutboxRelay {
 
   [[nodiscard]] RelayStats stats() const;
   [[nodiscard]] const std::string& relay_id() const noexcept;
+  /// The relay's own store, for the relay's thread. On SQLite with hold_claims its claims read
+  /// and its marks take any unsent row (the relay lock makes that safe for the relay alone):
+  /// claiming through it while the relay runs breaks what the relay has in flight.
   [[nodiscard]] OutboxStore& store() noexcept;
 
  private:

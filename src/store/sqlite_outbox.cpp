@@ -18,7 +18,9 @@
 #include <natspubsub/store/sqlite.hpp>
 
 #include <fcntl.h>
+#include <sqlite3.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,37 +103,54 @@ constexpr std::string_view kDeleteSent = "DELETE FROM natspubsub_outbox WHERE id
 // one claims by reading cannot run on one file. A database without a file (":memory:") has none.
 class RelayLock {
  public:
-  RelayLock(const std::string& db_path, bool exclusive) {
-    if (db_path.empty() || db_path == ":memory:" || db_path.rfind("file:", 0) == 0) return;
-    // By the file's real path: "outbox.db", "./outbox.db" and a symlink to it share one lock.
-    std::string real = db_path;
-    if (char* resolved = ::realpath(db_path.c_str(), nullptr); resolved != nullptr) {
+  // `db`: the file as SQLite opened it (absolute, URIs resolved; none for an in-memory or
+  // temporary database, which no other process can open).
+  RelayLock(store::SqliteDatabase& db, bool exclusive) {
+    const char* file = sqlite3_db_filename(db.handle(), "main");
+    if (file == nullptr || *file == '\0') return;
+    // By the file's real path: "outbox.db", "./outbox.db", a symlink and a URI share one lock.
+    std::string real = file;
+    if (char* resolved = ::realpath(file, nullptr); resolved != nullptr) {
       real = resolved;
       std::free(resolved);
     }
     path_ = real + "-relay.lock";
-    fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (fd_ < 0)
-      throw ConfigError("relay.database", "cannot open the relay lock " + path_ + ": " + std::strerror(errno));
-    if (::flock(fd_, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
-      const int err = errno;
-      ::close(fd_);
-      fd_ = -1;
-      if (err == EWOULDBLOCK)
-        throw ConfigError("relay.database",
-                          "another relay is running on " + db_path + " (it holds " + path_ +
-                              "): run one relay per SQLite database" +
-                              (exclusive ? "" : " (or all of them with lease claims, --lease-claims)"));
-      throw ConfigError("relay.database", "cannot lock " + path_ + ": " + std::strerror(err));
+    for (int tries = 0;; ++tries) {
+      // Read-only is enough for flock: a lock file another user created (an operator's run as
+      // root) does not keep the service's own user out.
+      fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd_ < 0 && errno == EACCES) fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd_ < 0)
+        throw ConfigError("relay.database", "cannot open the relay lock " + path_ + ": " + std::strerror(errno));
+      if (::flock(fd_, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+        const int err = errno;
+        close_fd();
+        if (err == EWOULDBLOCK)
+          throw ConfigError("relay.database",
+                            "another relay is running on " + real + " (it holds " + path_ +
+                                "): run one relay per SQLite database" +
+                                (exclusive ? "" : " (or all of them with lease claims, --lease-claims)"));
+        throw ConfigError("relay.database", "cannot lock " + path_ + ": " + std::strerror(err));
+      }
+      // Locked; but if the file was deleted (or replaced) meanwhile, another relay may lock the
+      // new one: lock what is at the path now.
+      struct stat held{}, now{};
+      if (::fstat(fd_, &held) == 0 && ::stat(path_.c_str(), &now) == 0 && held.st_dev == now.st_dev &&
+          held.st_ino == now.st_ino)
+        return;
+      close_fd();
+      if (tries == 3) throw ConfigError("relay.database", "the relay lock " + path_ + " keeps being replaced");
     }
   }
   RelayLock(const RelayLock&) = delete;
   RelayLock& operator=(const RelayLock&) = delete;
-  ~RelayLock() {
-    if (fd_ >= 0) ::close(fd_);  // releases the lock
-  }
+  ~RelayLock() { close_fd(); }  // releases the lock
 
  private:
+  void close_fd() noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
   std::string path_;
   int fd_ = -1;
 };
@@ -144,11 +163,12 @@ class SqliteOutboxStore final : public OutboxStore {
 
   explicit SqliteOutboxStore(store::SqliteDatabase& db) : db_(db) {}
   SqliteOutboxStore(store::SqliteDatabase& db, Claims claims)
-      : db_(db), claims_(claims), lock_(std::make_unique<RelayLock>(db.path(), claims == Claims::relay)) {}
+      : db_(db), claims_(claims), lock_(std::make_unique<RelayLock>(db, claims == Claims::relay)) {}
 
   std::vector<OutboxRow> claim(std::string_view relay_id, std::size_t batch_size, std::chrono::milliseconds lease,
                                std::int64_t up_to_id) override {
     if (claims_ == Claims::relay) return relay_claim({}, false, batch_size, up_to_id, false);
+    lock_shared();
     return claim_after(relay_id, {}, false, batch_size, lease, up_to_id, false);
   }
 
@@ -156,6 +176,7 @@ class SqliteOutboxStore final : public OutboxStore {
                                              bool delete_sent, std::size_t batch_size,
                                              std::chrono::milliseconds lease, std::int64_t up_to_id) override {
     if (claims_ == Claims::relay) return relay_claim(sent_ids, delete_sent, batch_size, up_to_id, true);
+    lock_shared();
     return claim_after(relay_id, sent_ids, delete_sent, batch_size, lease, up_to_id, true);
   }
 
@@ -356,6 +377,13 @@ WHERE natspubsub_outbox.id = f.fid)sql" + std::string(held()) + " RETURNING id, 
     txn.commit();
     settle(ids);
     return static_cast<std::size_t>(n);
+  }
+
+  // Lease claims made through make_outbox_store (any program, not only the relay) hold the
+  // relay lock shared from their first claim on: a relay with read claims cannot start beside
+  // them, nor they beside it.
+  void lock_shared() {
+    if (!lock_) lock_ = std::make_unique<RelayLock>(db_, false);
   }
 
   [[nodiscard]] std::string_view held() const noexcept { return claims_ == Claims::relay ? kOwned : kHeld; }
