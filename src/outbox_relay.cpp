@@ -391,6 +391,9 @@ struct OutboxRelay::Impl::Recorded {
 };
 
 std::size_t OutboxRelay::run_once() {
+  // Marks a drain() or run() that ended on an error left behind, first: the claim must see
+  // those rows sent (a read claim on SQLite would publish them again).
+  impl_->flush_marks();
   impl_->outage = false;
   impl_->disconnected = !impl_->connection->connected();
   if (impl_->disconnected) return 0;  // nothing would be acknowledged: leave rows for later
