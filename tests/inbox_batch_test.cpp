@@ -81,6 +81,16 @@ struct Setup {
     return ids;
   }
 
+  // n events {"i": i} published now; returns them as sent (for copies with another Nats-Msg-Id).
+  std::vector<RawMessage> publish_raws(int n) {
+    Topology(orders).ensure_events_stream();
+    Publisher publisher(orders);
+    std::vector<RawMessage> raws;
+    for (int i = 0; i < n; ++i) raws.push_back(publisher.prepare("payment.requested", {{"i", i}}));
+    for (const auto& r : publisher.publish_raw_batch(raws)) REQUIRE(r);
+    return raws;
+  }
+
   static SubscriptionOptions options() {
     SubscriptionOptions o;
     o.concurrency = 2;
@@ -206,11 +216,7 @@ void middleware_on_another_thread(const std::string& url) {
 // ConfigError, counted a failure and retried (seen in CI in inbox_handler_test).
 void copy_of_an_event_a_batch_is_running(const std::string& url) {
   Setup f(url);
-  Topology(f.orders).ensure_events_stream();
-  Publisher publisher(f.orders);
-  std::vector<RawMessage> raws;
-  for (int i = 0; i < kEvents; ++i) raws.push_back(publisher.prepare("payment.requested", {{"i", i}}));
-  for (const auto& r : publisher.publish_raw_batch(raws)) REQUIRE(r);
+  auto raws = f.publish_raws(kEvents);
 
   std::atomic<int> calls{0};
   std::atomic<bool> first{true};
@@ -242,7 +248,7 @@ void copy_of_an_event_a_batch_is_running(const std::string& url) {
   }
   REQUIRE(!copy.msg_id.empty());
   copy.msg_id += "-copy";
-  for (const auto& r : publisher.publish_raw_batch({copy})) REQUIRE(r);
+  for (const auto& r : Publisher(f.orders).publish_raw_batch({copy})) REQUIRE(r);
 
   REQUIRE(eventually([&] { return consumer.stats().front().acked == kEvents + 1; }, 30s));
   consumer.stop(5s);
@@ -307,16 +313,12 @@ void failed_commit_acks_nothing(const std::string& url) {
 
 void redelivered_batch_is_all_duplicates(const std::string& url) {
   Setup f(url);
-  Topology(f.orders).ensure_events_stream();
-  Publisher publisher(f.orders);
-  std::vector<RawMessage> raws;
-  for (int i = 0; i < kEvents; ++i) raws.push_back(publisher.prepare("payment.requested", {{"i", i}}));
-  for (const auto& r : publisher.publish_raw_batch(raws)) REQUIRE(r);
+  auto raws = f.publish_raws(kEvents);
   // The same events again (a producer retry outside the duplicate window, a replay): same body
   // and event id, a different Nats-Msg-Id.
   auto again = raws;
   for (auto& r : again) r.msg_id += "-again";
-  for (const auto& r : publisher.publish_raw_batch(again)) REQUIRE(r);
+  for (const auto& r : Publisher(f.orders).publish_raw_batch(again)) REQUIRE(r);
 
   std::atomic<int> calls{0};
   InboxHandler handler([&] { return store::open_database(url); }, ledger_writer(calls));

@@ -50,13 +50,18 @@ std::vector<std::string> enqueue_sqlite(store::SqliteDatabase& db, int n, int ke
   return ids;
 }
 
-std::vector<std::string> enqueue_postgres(store::PostgresDatabase& db, int n, int keys) {
+// `half_keyed`: only the odd rows have a key (cycling over `keys`), the even ones none.
+std::vector<std::string> enqueue_postgres(store::PostgresDatabase& db, int n, int keys, bool half_keyed = false) {
   std::vector<std::string> ids;
   pqxx::work tx(db.connection());
   for (int i = 0; i < n; ++i) {
     auto e = Envelope::make("order.created", "orders", {{"i", i}});
     std::optional<std::string> key;
-    if (keys > 0) key = "order-" + std::to_string(i % keys);
+    if (half_keyed) {
+      if (i % 2 == 1) key = "order-" + std::to_string((i / 2) % keys);
+    } else if (keys > 0) {
+      key = "order-" + std::to_string(i % keys);
+    }
     enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
     ids.push_back(e.event_id);
   }
@@ -91,6 +96,37 @@ StreamCheck check_stream(const std::string& url, const std::vector<std::string>&
       last[key] = it->second;
     }
   }
+  return c;
+}
+
+// Reads the stream and compares it with the outbox's rows (in id order, keys from the table).
+struct OutboxStreamCheck {
+  size_t stored = 0;
+  size_t distinct = 0;
+  size_t missing = 0;
+  size_t out_of_order = 0;  // per partition key: stream order differs from outbox id order
+  size_t keys = 0;
+};
+OutboxStreamCheck check_stream_against_outbox(const std::string& url, store::PostgresDatabase& db) {
+  std::map<std::string, size_t> position;  // event id -> stream index
+  const auto stored = testing::RawNats(url).read_stream(kStream);
+  for (size_t i = 0; i < stored.size(); ++i) position.emplace(stored[i].msg_id, i);
+  OutboxStreamCheck c;
+  c.stored = stored.size();
+  c.distinct = position.size();
+  std::map<std::string, size_t> last;  // key -> stream index of its last event seen
+  for (const auto& row : db.query("SELECT event_id, partition_key FROM natspubsub_outbox ORDER BY id")) {
+    auto it = position.find(row.as_text(0));
+    if (it == position.end()) {
+      ++c.missing;
+      continue;
+    }
+    if (row.is_null(1)) continue;
+    const auto key = row.as_text(1);
+    if (last.count(key) > 0 && it->second < last[key]) ++c.out_of_order;
+    last[key] = it->second;
+  }
+  c.keys = last.size();
   return c;
 }
 
@@ -438,16 +474,7 @@ TEST_CASE("PostgreSQL: a held batch's outcome that fails while the next batch pu
   // publishing after it.
   constexpr int kEvents = 3000;
   constexpr int kKeys = 20;
-  {
-    pqxx::work tx(setup.connection());
-    for (int i = 0; i < kEvents; ++i) {
-      auto e = Envelope::make("order.created", "orders", {{"i", i}});
-      std::optional<std::string> key;
-      if (i % 2 == 1) key = "order-" + std::to_string((i / 2) % kKeys);
-      enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
-    }
-    tx.commit();
-  }
+  enqueue_postgres(setup, kEvents, kKeys, /*half_keyed=*/true);
   // The chosen row: keyed, about 40% into the outbox (batches before and after it).
   const auto target = setup.query("SELECT id FROM natspubsub_outbox WHERE partition_key IS NOT NULL ORDER BY id "
                                   "OFFSET 600 LIMIT 1")
@@ -522,29 +549,12 @@ CREATE TRIGGER test_fail_once AFTER UPDATE ON natspubsub_outbox
   CHECK(count_status(setup, "sent") == kEvents);
 
   // The stream: every event once, each key's events in the order of their outbox ids.
-  std::map<std::string, size_t> position;  // event id -> stream index
-  testing::RawNats raw(server.url());
-  const auto stored = raw.read_stream(kStream);
-  for (size_t i = 0; i < stored.size(); ++i) position.emplace(stored[i].msg_id, i);
-  size_t missing = 0;
-  size_t out_of_order = 0;
-  std::map<std::string, size_t> last;  // key -> stream index of its last event seen
-  for (const auto& row : setup.query("SELECT event_id, partition_key FROM natspubsub_outbox ORDER BY id")) {
-    auto it = position.find(row.as_text(0));
-    if (it == position.end()) {
-      ++missing;
-      continue;
-    }
-    if (row.is_null(1)) continue;
-    const auto key = row.as_text(1);
-    if (last.count(key) > 0 && it->second < last[key]) ++out_of_order;
-    last[key] = it->second;
-  }
-  CHECK(stored.size() == static_cast<size_t>(kEvents));
-  CHECK(position.size() == static_cast<size_t>(kEvents));
-  CHECK(missing == 0);
-  CHECK(out_of_order == 0);
-  CHECK(last.size() == static_cast<size_t>(kKeys));
+  const auto c = check_stream_against_outbox(server.url(), setup);
+  CHECK(c.stored == static_cast<size_t>(kEvents));
+  CHECK(c.distinct == static_cast<size_t>(kEvents));
+  CHECK(c.missing == 0);
+  CHECK(c.out_of_order == 0);
+  CHECK(c.keys == static_cast<size_t>(kKeys));
 }
 
 // The wait for the previous outcome is not counted in a held batch's round limit (outbox_relay.cpp,
@@ -565,16 +575,7 @@ TEST_CASE("PostgreSQL: a previous outcome slower than the lease margin ends the 
   }
   constexpr int kEvents = 1000;
   constexpr int kKeys = 10;
-  {
-    pqxx::work tx(setup.connection());
-    for (int i = 0; i < kEvents; ++i) {
-      auto e = Envelope::make("order.created", "orders", {{"i", i}});
-      std::optional<std::string> key;
-      if (i % 2 == 1) key = "order-" + std::to_string((i / 2) % kKeys);
-      enqueue(tx, OutboxMessage::from_envelope("test.orders.order.created", e, key));
-    }
-    tx.commit();
-  }
+  enqueue_postgres(setup, kEvents, kKeys, /*half_keyed=*/true);
   const auto target = setup.query("SELECT id FROM natspubsub_outbox WHERE partition_key IS NOT NULL ORDER BY id "
                                   "OFFSET 150 LIMIT 1")
                           .at(0)
@@ -633,27 +634,11 @@ CREATE CONSTRAINT TRIGGER test_slow_commit AFTER UPDATE ON natspubsub_outbox DEF
   CHECK(s.duplicates > 0);
   CHECK(count_status(setup, "sent") == kEvents);
 
-  std::map<std::string, size_t> position;  // event id -> stream index
-  const auto stored = testing::RawNats(server.url()).read_stream(kStream);
-  for (size_t i = 0; i < stored.size(); ++i) position.emplace(stored[i].msg_id, i);
-  size_t missing = 0;
-  size_t out_of_order = 0;
-  std::map<std::string, size_t> last;  // key -> stream index of its last event seen
-  for (const auto& row : setup.query("SELECT event_id, partition_key FROM natspubsub_outbox ORDER BY id")) {
-    auto it = position.find(row.as_text(0));
-    if (it == position.end()) {
-      ++missing;
-      continue;
-    }
-    if (row.is_null(1)) continue;
-    const auto key = row.as_text(1);
-    if (last.count(key) > 0 && it->second < last[key]) ++out_of_order;
-    last[key] = it->second;
-  }
-  CHECK(stored.size() == static_cast<size_t>(kEvents));
-  CHECK(position.size() == static_cast<size_t>(kEvents));
-  CHECK(missing == 0);
-  CHECK(out_of_order == 0);
+  const auto c = check_stream_against_outbox(server.url(), setup);
+  CHECK(c.stored == static_cast<size_t>(kEvents));
+  CHECK(c.distinct == static_cast<size_t>(kEvents));
+  CHECK(c.missing == 0);
+  CHECK(c.out_of_order == 0);
 }
 
 TEST_CASE("a relay process killed with SIGKILL mid-batch, then restarted: nothing lost, nothing duplicated") {
